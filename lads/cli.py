@@ -1,0 +1,47 @@
+"""The ``lads`` command. Each subcommand lives in its own module, imported only when used.
+
+A subcommand module provides ``add_arguments(parser)`` and ``run(args) -> int | None``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from lads import __version__
+
+COMMANDS = {
+    "info": ("lads.models.info", "build a model and print its structure and parameter counts"),
+    "data": ("lads.datasets.cli", "generate the synthetic benchmark, inspect datasets"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(
+        prog="lads", description="Referring expression comprehension with LADS."
+    )
+    parser.add_argument("--version", action="version", version=f"lads {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = None
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if argv and argv[0] == name:
+            chosen = importlib.import_module(module)
+            chosen.add_arguments(p)
+    args = parser.parse_args(argv)
+    if chosen is None:
+        parser.print_help()
+        return 0
+    from lads.errors import LadsError
+
+    try:
+        return chosen.run(args) or 0
+    except LadsError as e:
+        print(f"lads {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Configuration as data: presets in ``lads/configs/*.json``, overridable with ``key=value``.
+
+A config is a tree of dataclasses. Files and overrides are plain dicts that are checked
+against that tree: an unknown key names the known ones, a value of the wrong type names the
+field and the type it expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from lads.errors import LadsError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(LadsError):
+    """A config file, preset name or override that cannot be used."""
+
+
+@dataclass
+class VisualConfig:
+    """ResNet-50 topology (DESIGN.md §2); ``width`` is the stem width (64 = ResNet-50)."""
+
+    width: int = 64
+    frozen_stages: int = 1  # 0: nothing frozen, 1: stem + layer1 (DETR), ... 4: everything
+    pretrained: Optional[str] = None  # torchvision-layout or DETR checkpoint, path or URL
+
+
+@dataclass
+class TextConfig:
+    """A Hugging Face BERT, truncated at load time to its first ``num_layers`` layers."""
+
+    name: str = "bert-base-uncased"  # hub name, local directory, or "minilm-l6" (offline)
+    num_layers: int = 6
+    max_tokens: int = 40
+    pretrained: bool = True  # False: the same architecture, randomly initialised
+
+
+@dataclass
+class FusionConfig:
+    """Modality interaction module: M pre-norm encoder layers with gated residuals (Eq. 6)."""
+
+    d_model: int = 256
+    num_layers: int = 6
+    num_heads: int = 8
+    ffn_dim: int = 2048
+    dropout: float = 0.1
+
+
+@dataclass
+class GatingConfig:
+    """Gating network (Eqs. 1-3) and binary gates (Eqs. 4-5)."""
+
+    hidden: int = 24  # d_h; 24 gives ~0.6 M parameters at paper scale, the paper's figure
+    bias_init: float = 3.0  # gates start mostly open (sigmoid(3) = 0.95)
+    granularity: str = "batch"  # soft/hard choice of Eq. 5: once per "batch" or per "element"
+
+
+@dataclass
+class LossConfig:
+    """Weights of Eq. 9."""
+
+    giou: float = 1.0
+    mi: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = 512
+    dense: bool = False  # every gate forced open: the TransVG-style static baseline
+    visual: VisualConfig = field(default_factory=VisualConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    gating: GatingConfig = field(default_factory=GatingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def known_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_raw(name_or_path: str | Path) -> dict:
+    """The dict of a preset name or a JSON file, with its ``base`` chain merged in."""
+    path = Path(name_or_path)
+    if not (path.suffix == ".json" and path.exists()):
+        if str(name_or_path) not in known_presets():
+            raise ConfigError(
+                f"unknown preset or config file {str(name_or_path)!r}; "
+                f"known presets: {', '.join(known_presets())}"
+            )
+        path = PRESET_DIR / f"{name_or_path}.json"
+    data = _read_json(path)
+    base = data.pop("base", None)
+    return _merge(load_raw(base), data) if base else data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value); the value is JSON when it parses as JSON."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, text = item.split("=", 1)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = json.loads(json.dumps(raw))
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    return raw
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+        origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        items = [_check_type(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        return origin(items)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: Any, where: str = "config") -> Any:
+    """Build dataclass ``cls`` from ``data``, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a section (an object), got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(names)}"
+        )
+    kwargs = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def load_config(name_or_path: str | Path = "tiny", overrides: list[str] | None = None) -> Config:
+    """A preset name or JSON file, with ``key=value`` overrides applied on top."""
+    raw = apply_overrides(load_raw(name_or_path), overrides or [])
+    return from_dict(Config, raw)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict) -> Config:
+    return from_dict(Config, data)

@@ -1,0 +1,1 @@
+"""Datasets: readers (REFER, TransVG split files, JSONL), the synthetic benchmark, transforms."""
