@@ -29,6 +29,8 @@ class VisualConfig:
     """ResNet-50 topology (DESIGN.md §2); ``width`` is the stem width (64 = ResNet-50)."""
 
     width: int = 64
+    norm: str = "frozen"  # "frozen" (DETR, for pretrained weights) or "batch" (from scratch)
+    dilation: bool = False  # layer4 dilated instead of strided: C5 at stride 16 (DETR's DC5)
     frozen_stages: int = 1  # 0: nothing frozen, 1: stem + layer1 (DETR), ... 4: everything
     pretrained: Optional[str] = None  # torchvision-layout or DETR checkpoint, path or URL
 

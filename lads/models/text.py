@@ -7,6 +7,7 @@ first, and its attention mask.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -39,6 +40,21 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(resolve_text_model(name))
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 class TextBackbone(nn.Module):
     """BERT encoder with ``num_layers`` layers; ``forward`` returns (F_l, attention_mask)."""
 
@@ -57,7 +73,8 @@ class TextBackbone(nn.Module):
             raise LadsError(f"model.text.num_layers must be at least 1, got {num_layers}")
         config.num_hidden_layers = num_layers
         if pretrained:
-            self.bert = BertModel.from_pretrained(source, config=config, add_pooling_layer=False)
+            with _quiet_transformers():  # it lists the dropped layers' weights as unexpected
+                self.bert = BertModel.from_pretrained(source, config=config, add_pooling_layer=False)
         else:
             self.bert = BertModel(config, add_pooling_layer=False)
         self.hidden_size = config.hidden_size

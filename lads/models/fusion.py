@@ -1,0 +1,94 @@
+"""Modality interaction module: ``[text tokens; visual tokens]`` through M gated encoder layers.
+
+Each layer is pre-norm with two gated residual sublayers (Eq. 6):
+``x + g_attn · MHSA(LN(x))`` and ``x + g_ffn · FFN(LN(x))``; a closed gate is an exact identity.
+Visual tokens carry 2-D sine positional embeddings, added to queries and keys (DETR, TransVG).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def sine_position_embedding(mask: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """2-D sine embedding (DETR) of a (B, h, w) pad mask (True = padding) -> (B, h·w, dim)."""
+    not_mask = (~mask).float()
+    y = not_mask.cumsum(1)
+    x = not_mask.cumsum(2)
+    eps, scale = 1e-6, 2 * math.pi
+    y = y / (y[:, -1:, :] + eps) * scale
+    x = x / (x[:, :, -1:] + eps) * scale
+    half = dim // 2
+    freq = temperature ** (2 * (torch.arange(half, device=mask.device) // 2) / half)
+    px, py = x[..., None] / freq, y[..., None] / freq
+    px = torch.stack((px[..., 0::2].sin(), px[..., 1::2].cos()), dim=4).flatten(3)
+    py = torch.stack((py[..., 0::2].sin(), py[..., 1::2].cos()), dim=4).flatten(3)
+    return torch.cat((py, px), dim=3).flatten(1, 2)
+
+
+class GatedEncoderLayer(nn.Module):
+    """Pre-norm transformer encoder layer whose MHSA and FFN residuals are gated (Eq. 6)."""
+
+    def __init__(self, d_model: int, num_heads: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model)
+        self.self_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def attn_block(self, x, pos, key_padding_mask):
+        h = self.norm1(x)
+        q = k = h + pos
+        h = self.self_attn(q, k, h, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        return self.dropout1(h)
+
+    def ffn_block(self, x):
+        h = self.linear2(self.dropout(F.relu(self.linear1(self.norm2(x)))))
+        return self.dropout2(h)
+
+    def forward(self, x, pos, key_padding_mask, gate_attn=None, gate_ffn=None):
+        h = self.attn_block(x, pos, key_padding_mask)
+        x = x + (h if gate_attn is None else gate_attn[:, None, None] * h)
+        h = self.ffn_block(x)
+        return x + (h if gate_ffn is None else gate_ffn[:, None, None] * h)
+
+
+class ModalityInteraction(nn.Module):
+    """Projects both modalities to ``d_model`` and fuses them; returns the fused ``[CLS]``."""
+
+    def __init__(self, visual_dim, text_dim, d_model, num_layers, num_heads, ffn_dim, dropout):
+        super().__init__()
+        self.d_model = d_model
+        self.visual_proj = nn.Conv2d(visual_dim, d_model, 1)
+        self.text_proj = nn.Linear(text_dim, d_model)
+        self.layers = nn.ModuleList(
+            GatedEncoderLayer(d_model, num_heads, ffn_dim, dropout) for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def tokens(self, visual, visual_mask, text, text_mask):
+        """The input sequence, its positional embedding and its key-padding mask."""
+        v = self.visual_proj(visual).flatten(2).transpose(1, 2)
+        x = torch.cat((self.text_proj(text), v), dim=1)
+        pos = torch.cat((torch.zeros_like(x[:, : text.shape[1]]), sine_position_embedding(visual_mask, self.d_model)), dim=1)
+        key_padding_mask = torch.cat((~text_mask, visual_mask.flatten(1)), dim=1)
+        return x, pos, key_padding_mask
+
+    def forward(self, visual, visual_mask, text, text_mask, gates=None):
+        """``gates``: a list of 2·M per-sublayer gates (attn, ffn, attn, …), or None (open)."""
+        x, pos, key_padding_mask = self.tokens(visual, visual_mask, text, text_mask)
+        for i, layer in enumerate(self.layers):
+            g_attn, g_ffn = (None, None) if gates is None else (gates[2 * i], gates[2 * i + 1])
+            x = layer(x, pos, key_padding_mask, g_attn, g_ffn)
+        return self.norm(x[:, 0])

@@ -1,0 +1,141 @@
+"""Gating network (Eqs. 1-3) and binary gates (Eqs. 4-5).
+
+Candidate layers, in this order: the 16 bottlenecks of the visual backbone (P = 16), then the
+MHSA and FFN sublayers of the M fusion layers (2M). A candidate has a layer gate when it has
+an identity residual (12 bottlenecks, every sublayer), and ``c_i`` filter gates when it is a
+bottleneck (its width). All candidates are computed at once with stacked weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lads.errors import LadsError
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str  # "layer2.1" or "fusion.3.attn"
+    layer_gate: bool
+    filters: int  # 0 for fusion sublayers
+
+
+class GateLayout:
+    """Where each gate lives: candidate names, layer-gate and filter-gate owners."""
+
+    def __init__(self, candidates: list[Candidate]):
+        self.candidates = candidates
+        self.names = [c.name for c in candidates]
+        self.layer_owner = [i for i, c in enumerate(candidates) if c.layer_gate]
+        self.filter_owner = [i for i, c in enumerate(candidates) for _ in range(c.filters)]
+        self.num_visual = sum(1 for c in candidates if c.filters)
+        starts = [0]
+        for c in candidates:
+            starts.append(starts[-1] + c.filters)
+        self.filter_slices = [slice(starts[i], starts[i + 1]) for i in range(self.num_visual)]
+        self.layer_slot = {owner: j for j, owner in enumerate(self.layer_owner)}
+
+    @classmethod
+    def for_model(cls, blocks, num_fusion_layers: int) -> "GateLayout":
+        """``blocks``: (name, Bottleneck) pairs of the visual backbone."""
+        visual = [Candidate(n, b.has_layer_gate, b.conv2.out_channels) for n, b in blocks]
+        fusion = [
+            Candidate(f"fusion.{i}.{kind}", True, 0)
+            for i in range(num_fusion_layers)
+            for kind in ("attn", "ffn")
+        ]
+        return cls(visual + fusion)
+
+    @property
+    def num_layer_gates(self) -> int:
+        return len(self.layer_owner)
+
+    @property
+    def num_filter_gates(self) -> int:
+        return len(self.filter_owner)
+
+    def split(self, gates: "Gates"):
+        """Per-module gate lists: visual layer gates (None where a block has none), visual
+        filter gates, fusion sublayer gates."""
+        layer_gates = [
+            gates.layer[:, self.layer_slot[i]] if i in self.layer_slot else None
+            for i in range(self.num_visual)
+        ]
+        filter_gates = [gates.filter[:, s] for s in self.filter_slices]
+        fusion_gates = [gates.layer[:, self.layer_slot[i]] for i in range(self.num_visual, len(self.candidates))]
+        return layer_gates, filter_gates, fusion_gates
+
+
+@dataclass
+class Gates:
+    """Gates or relevance scores of a batch: ``layer`` (B, 24), ``filter`` (B, Σ c_i)."""
+
+    layer: torch.Tensor
+    filter: torch.Tensor
+
+    def map(self, fn) -> "Gates":
+        return Gates(fn(self.layer), fn(self.filter))
+
+    def __len__(self) -> int:
+        return self.layer.shape[0]
+
+
+class GatingNetwork(nn.Module):
+    """Relevance scores from linguistic features (Eqs. 1-3), all candidate layers at once."""
+
+    def __init__(self, layout: GateLayout, text_dim: int, hidden: int, bias_init: float):
+        super().__init__()
+        k = len(layout.candidates)
+        self.register_buffer("layer_owner", torch.tensor(layout.layer_owner), persistent=False)
+        self.register_buffer("filter_owner", torch.tensor(layout.filter_owner), persistent=False)
+        self.embedding = nn.Parameter(torch.randn(k, text_dim) * 0.02)  # e_i of Eq. 1
+        self.w1 = nn.Parameter(torch.empty(k, text_dim, hidden))  # W_1^i of Eq. 3
+        self.b1 = nn.Parameter(torch.zeros(k, hidden))
+        self.w2 = nn.Parameter(torch.empty(layout.num_layer_gates, hidden))  # W_2^i
+        self.b2 = nn.Parameter(torch.full((layout.num_layer_gates,), bias_init))
+        self.w3 = nn.Parameter(torch.empty(layout.num_filter_gates, hidden))  # rows of W_3^i
+        self.b3 = nn.Parameter(torch.full((layout.num_filter_gates,), bias_init))
+        bound = 1 / text_dim**0.5
+        nn.init.uniform_(self.w1, -bound, bound)
+        nn.init.uniform_(self.w2, -(1 / hidden**0.5), 1 / hidden**0.5)
+        nn.init.uniform_(self.w3, -(1 / hidden**0.5), 1 / hidden**0.5)
+
+    def attention(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """α_i of Eq. 1: (B, K, L), a softmax over the valid tokens."""
+        scores = torch.einsum("kd,bld->bkl", self.embedding, text)
+        return scores.masked_fill(~text_mask[:, None, :], float("-inf")).softmax(-1)
+
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor):
+        """Returns relevance scores ``Gates(r_L, r_C)`` and the attention weights α."""
+        alpha = self.attention(text, text_mask)
+        h = torch.einsum("bkl,bld->bkd", alpha, text)  # Eq. 2
+        z = F.gelu(torch.einsum("bkd,kdh->bkh", h, self.w1) + self.b1)  # δ(W_1^i h_i)
+        r_layer = torch.einsum("bgh,gh->bg", z[:, self.layer_owner], self.w2) + self.b2
+        r_filter = torch.einsum("bgh,gh->bg", z[:, self.filter_owner], self.w3) + self.b3
+        return Gates(r_layer, r_filter), alpha
+
+
+def binary_gates(relevance: torch.Tensor, training: bool, granularity: str = "batch"):
+    """Eqs. 4-5: returns (g, g_s).
+
+    Training: ``r̂ = r + ε``, ε ~ Logistic(0, 1); ``g_s = σ(r̂)``; ``g_h = 1[r̂ ≥ 0]`` with a
+    straight-through gradient; ``g`` is ``g_s`` or ``g_h`` with probability 0.5, chosen once per
+    batch or per element. Evaluation: no noise, ``g = g_h``, ``g_s = σ(r)``.
+    """
+    if not training:
+        return (relevance >= 0).to(relevance.dtype), torch.sigmoid(relevance)
+    u = torch.rand_like(relevance).clamp_(1e-6, 1 - 1e-6)
+    noisy = relevance + torch.log(u) - torch.log1p(-u)
+    soft = torch.sigmoid(noisy)
+    hard = (noisy >= 0).to(soft.dtype) + soft - soft.detach()
+    if granularity == "batch":
+        use_soft = torch.rand((), device=relevance.device) >= 0.5
+    elif granularity == "element":
+        use_soft = torch.rand_like(relevance) >= 0.5
+    else:
+        raise LadsError(f"model.gating.granularity must be 'batch' or 'element', got {granularity!r}")
+    return torch.where(use_soft, soft, hard), soft

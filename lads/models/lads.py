@@ -1,0 +1,144 @@
+"""The LADS supernet: visual and text backbones, gating network, modality interaction, head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lads.config import Config, ModelConfig, load_config
+from lads.errors import LadsError
+from lads.models.backbone import VisualBackbone, downsample_mask, load_visual_weights
+from lads.models.fusion import ModalityInteraction
+from lads.models.gating import GateLayout, Gates, GatingNetwork, binary_gates
+from lads.models.losses import lads_loss
+from lads.models.text import TextBackbone
+
+
+class BoxHead(nn.Module):
+    """Fused ``[CLS]`` -> 3-layer MLP (ReLU) -> sigmoid -> normalised (cx, cy, w, h)."""
+
+    def __init__(self, d_model: int, num_layers: int = 3):
+        super().__init__()
+        dims = [d_model] * num_layers + [4]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x.sigmoid()
+
+
+class LADS(nn.Module):
+    """Language Adaptive Dynamic Subnets. ``config.dense`` forces every gate open."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        v, t, f, g = config.visual, config.text, config.fusion, config.gating
+        self.visual_backbone = VisualBackbone(v.width, v.norm, v.dilation, v.frozen_stages)
+        if v.pretrained:
+            load_visual_weights(self.visual_backbone, v.pretrained)
+        self.text_backbone = TextBackbone(t.name, t.num_layers, t.pretrained)
+        self.fusion = ModalityInteraction(
+            self.visual_backbone.num_channels, self.text_backbone.hidden_size,
+            f.d_model, f.num_layers, f.num_heads, f.ffn_dim, f.dropout,
+        )
+        self.head = BoxHead(f.d_model)
+        self.layout = GateLayout.for_model(self.visual_backbone.blocks(), f.num_layers)
+        if g.granularity not in ("batch", "element"):
+            raise LadsError(f"model.gating.granularity must be 'batch' or 'element', got {g.granularity!r}")
+        self.gating = None if config.dense else GatingNetwork(
+            self.layout, self.text_backbone.hidden_size, g.hidden, g.bias_init
+        )
+
+    # ------------------------------------------------------------------ stages of forward
+
+    def encode_text(self, input_ids, attention_mask):
+        """F_l and its mask: the first stage, before any pixel is touched."""
+        return self.text_backbone(input_ids, attention_mask)
+
+    def gates(self, text, text_mask):
+        """Gates, soft gates, relevance scores and α for a batch of expressions (Eqs. 1-5)."""
+        relevance, alpha = self.gating(text, text_mask)
+        training, gran = self.training, self.config.gating.granularity
+        layer, layer_soft = binary_gates(relevance.layer, training, gran)
+        filt, filt_soft = binary_gates(relevance.filter, training, gran)
+        return Gates(layer, filt), Gates(layer_soft, filt_soft), relevance, alpha
+
+    def ground(self, images, pixel_mask, text, text_mask, gates: Gates | None):
+        """The REC supernet with the given gates (None: every gate open) -> boxes (B, 4)."""
+        layer_gates = filter_gates = fusion_gates = None
+        if gates is not None:
+            layer_gates, filter_gates, fusion_gates = self.layout.split(gates)
+        visual = self.visual_backbone(images, layer_gates, filter_gates)
+        visual_mask = downsample_mask(pixel_mask, visual.shape[-2:])
+        fused = self.fusion(visual, visual_mask, text, text_mask, fusion_gates)
+        return self.head(fused)
+
+    def forward(self, images, pixel_mask, input_ids, attention_mask, gates: Gates | None = None):
+        """Boxes as normalised (cx, cy, w, h) of the padded square, with the gates used.
+
+        ``gates`` forces hard gates (tests, analysis); by default the gating network decides.
+        """
+        check_inputs(images, pixel_mask, input_ids, attention_mask)
+        text, text_mask = self.encode_text(input_ids, attention_mask)
+        out = {"gates": gates, "soft": None, "relevance": None, "alpha": None}
+        if gates is None and self.gating is not None:
+            out["gates"], out["soft"], out["relevance"], out["alpha"] = self.gates(text, text_mask)
+        elif gates is not None:
+            check_gates(gates, self.layout, images.shape[0])
+        out["boxes"] = self.ground(images, pixel_mask, text, text_mask, out["gates"])
+        return out
+
+    def loss(self, outputs, target_boxes):
+        """Eq. 9 on the outputs of ``forward``."""
+        w = self.config.loss
+        return lads_loss(outputs["boxes"], target_boxes, outputs["soft"], w.giou, w.mi)
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {name: sum(p.numel() for p in m.parameters()) for name, m in self.named_children()}
+
+
+def check_inputs(images, pixel_mask, input_ids, attention_mask):
+    """Shape and dtype checks with messages that say what was expected."""
+    if not (torch.is_tensor(images) and images.dim() == 4 and images.shape[1] == 3 and images.is_floating_point()):
+        raise LadsError(f"images: expected a float tensor (B, 3, H, W), got {_describe(images)}")
+    b, _, h, w = images.shape
+    if not (torch.is_tensor(pixel_mask) and pixel_mask.dtype == torch.bool and tuple(pixel_mask.shape) == (b, h, w)):
+        raise LadsError(f"pixel_mask: expected a bool tensor ({b}, {h}, {w}), True = padding, got {_describe(pixel_mask)}")
+    if not (torch.is_tensor(input_ids) and input_ids.dim() == 2 and input_ids.shape[0] == b and input_ids.dtype == torch.long):
+        raise LadsError(f"input_ids: expected a long tensor ({b}, L), got {_describe(input_ids)}")
+    if not (torch.is_tensor(attention_mask) and tuple(attention_mask.shape) == tuple(input_ids.shape)):
+        raise LadsError(f"attention_mask: expected a tensor {tuple(input_ids.shape)}, got {_describe(attention_mask)}")
+
+
+def check_gates(gates: Gates, layout: GateLayout, batch: int):
+    expected = {"layer": (batch, layout.num_layer_gates), "filter": (batch, layout.num_filter_gates)}
+    for kind, shape in expected.items():
+        g = getattr(gates, kind)
+        if not torch.is_tensor(g) or tuple(g.shape) != shape:
+            raise LadsError(f"gates.{kind}: expected shape {shape}, got {_describe(g)}")
+        if not bool(((g == 0) | (g == 1)).all()):
+            raise LadsError(f"gates.{kind}: hard gates must be 0 or 1")
+
+
+def _describe(x) -> str:
+    if torch.is_tensor(x):
+        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def build_model(config: str | Config | ModelConfig = "tiny", overrides: list[str] | None = None) -> LADS:
+    """A LADS model from a preset name, a JSON config file or a config object.
+
+    >>> model = build_model("tiny", ["model.fusion.num_layers=2"])
+    """
+    if isinstance(config, (str,)) or hasattr(config, "__fspath__"):
+        config = load_config(config, overrides)
+    elif overrides:
+        raise LadsError("overrides apply to a preset name or a config file, not a config object")
+    if isinstance(config, Config):
+        config = config.model
+    return LADS(config)
