@@ -85,8 +85,47 @@ class ModelConfig:
 
 
 @dataclass
+class DataConfig:
+    """Where the expressions are; ``path`` is a REFER folder, a TransVG split folder or JSONL."""
+
+    path: str = ""
+    image_root: Optional[str] = None  # images of REFER/TransVG data (e.g. COCO train2014)
+    split_by: Optional[str] = None  # REFER splitBy (unc, google, umd, berkeley)
+    train_split: str = "train"
+    eval_splits: list[str] = field(default_factory=lambda: ["val"])
+    augment: bool = True
+    num_workers: int = 2
+    strict: bool = False  # bad records are errors rather than skipped and counted
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (DESIGN.md §5): AdamW, warm-up, step decay, clipping, accumulation."""
+
+    epochs: int = 120
+    lr_drop_epoch: int = 90  # learning rates × 0.1 from this epoch on
+    batch_size: int = 256  # global batch = processes × micro_batch × accumulation
+    micro_batch: int = 32  # per process and forward pass
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5  # visual and text backbones
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    clip_grad: float = 0.1  # max gradient norm; 0 disables
+    amp: str = "none"  # "bf16": autocast on CUDA
+    seed: int = 0
+    max_minutes: Optional[float] = None  # stop (with a checkpoint) after this wall time
+    checkpoint_every: int = 500  # optimizer steps
+    log_every: int = 10
+    eval_every: int = 0  # epochs; 0: only at the end
+    threads: Optional[int] = None  # torch intra-op threads (None: torch's default)
+    out: str = "runs/lads"
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -97,6 +97,22 @@ class LADS(nn.Module):
         w = self.config.loss
         return lads_loss(outputs["boxes"], target_boxes, outputs["soft"], w.giou, w.mi)
 
+    @classmethod
+    def from_pretrained(cls, path, device=None) -> "LADS":
+        """A trained model from a checkpoint folder (``lads train`` writes them), in eval mode."""
+        from lads.engine import load_model
+
+        return load_model(path, device)[0]
+
+    def predict(self, image, expressions, mode: str = "subnet") -> list[dict]:
+        """Boxes in original image pixels for one image and one or more expressions."""
+        from lads.models.text import load_tokenizer
+        from lads.predict import predict
+
+        if getattr(self, "_tokenizer", None) is None:
+            self._tokenizer = load_tokenizer(self.config.text.name)
+        return predict(self, image, expressions, mode, tokenizer=self._tokenizer)
+
     def parameter_counts(self) -> dict[str, int]:
         return {name: sum(p.numel() for p in m.parameters()) for name, m in self.named_children()}
 

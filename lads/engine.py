@@ -1,0 +1,424 @@
+"""One engine for training and evaluation, from one CPU process to many GPUs (DESIGN.md §5).
+
+Determinism is by construction, so that a resumed run and a run on more processes retrace
+the same steps: the data order of an epoch is a permutation seeded by (seed, epoch); a global
+batch is split into ``world × accumulation`` micro-batches, micro-batch ``m`` going to rank
+``m // accumulation``; every micro-batch reseeds the RNG from (seed, step, m), so gate noise,
+the soft/hard choice and dropout do not depend on how the batch is spread over processes; the
+augmentation of a sample is seeded by (seed, epoch, index).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lads import __version__
+from lads.config import Config, config_from_dict, to_dict
+from lads.errors import LadsError
+from lads.util import dist
+from lads.util.checkpoint import TEXT, load_training_state, load_weights, read_meta, save_checkpoint
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes and Python runs)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+class SeededSamples(Dataset):
+    """Items are ``(epoch, index)``; the augmentation of each is seeded by (seed, epoch, index)."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        epoch, index = item
+        s = mix_seed(self.seed, epoch, index)
+        random.seed(s)
+        np.random.seed(s % (1 << 32))
+        torch.manual_seed(s)
+        return self.dataset[index]
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(mix_seed(seed, epoch, 7))
+    return torch.randperm(n, generator=g).tolist()
+
+
+def rank_micro_batches(perm, batch, step_in_epoch, micro, accumulation, rank):
+    """This rank's micro-batches of global batch ``step_in_epoch`` (lists of indices)."""
+    start = step_in_epoch * batch
+    indices = perm[start : start + batch]
+    first = rank * accumulation
+    return [indices[(first + a) * micro : (first + a + 1) * micro] for a in range(accumulation)]
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+def build_optimizer(model, cfg) -> torch.optim.Optimizer:
+    """AdamW with the paper's groups: ``lr_backbone`` for both backbones, ``lr`` for the rest."""
+    backbone, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (backbone if name.startswith(("visual_backbone.", "text_backbone.")) else rest).append(p)
+    groups = [{"params": rest, "lr": cfg.lr}, {"params": backbone, "lr": cfg.lr_backbone}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, warmup_steps: int, drop_step: int) -> float:
+    """Linear warm-up, then ×0.1 from ``drop_step`` on."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    return warm * (0.1 if step >= drop_step else 1.0)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_split(cfg: Config, split: str, train: bool, tokenizer):
+    from lads.datasets import load_records
+    from lads.datasets.dataset import RecDataset
+
+    if not cfg.data.path:
+        raise LadsError("data.path is not set: give --data PATH (a REFER folder, TransVG split folder or JSONL file)")
+    records, skipped = load_records(
+        cfg.data.path, split, image_root=cfg.data.image_root, split_by=cfg.data.split_by, strict=cfg.data.strict
+    )
+    if skipped and dist.is_main():
+        reasons = ", ".join(f"{n} {why}" for why, n in skipped.items())
+        print(f"{cfg.data.path} [{split}]: skipped {sum(skipped.values())} records ({reasons})")
+    if not records:
+        raise LadsError(f"{cfg.data.path}: split {split!r} holds no usable expression")
+    return RecDataset(
+        records, tokenizer, cfg.model.image_size, cfg.model.text.max_tokens,
+        train=train, augment=cfg.data.augment and train,
+    )
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the run writes a checkpoint at the next step and exits."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+class MetricLog:
+    """JSON lines on rank 0, and TensorBoard scalars when tensorboard is installed."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.file = open(out / "log.jsonl", "a") if enabled else None
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except Exception:  # tensorboard not installed
+                self.tb = None
+
+    def write(self, record: dict):
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(cfg: Config, resume: str | None = None) -> Path:
+    """Train ``cfg``; returns the checkpoint folder. ``resume``: a checkpoint or run folder."""
+    from lads.models import LADS
+    from lads.models.text import load_tokenizer
+
+    t = cfg.train
+    out = Path(t.out)
+    device = dist.local_device()
+    rank, world = dist.init_distributed(device)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    if t.batch_size % (world * t.micro_batch):
+        raise LadsError(
+            f"train.batch_size {t.batch_size} is not a multiple of processes × train.micro_batch "
+            f"= {world} × {t.micro_batch}"
+        )
+    accumulation = t.batch_size // (world * t.micro_batch)
+    torch.manual_seed(t.seed)
+    model = LADS(cfg.model).to(device)
+    tokenizer = load_tokenizer(cfg.model.text.name)
+    dataset = SeededSamples(load_split(cfg, cfg.data.train_split, True, tokenizer), t.seed)
+    steps_per_epoch = len(dataset) // t.batch_size
+    if steps_per_epoch == 0:
+        raise LadsError(f"{cfg.data.path}: {len(dataset)} training expressions, fewer than one global batch ({t.batch_size})")
+    total_steps = t.epochs * steps_per_epoch
+    optimizer = build_optimizer(model, t)
+    warmup, drop = round(t.warmup_epochs * steps_per_epoch), t.lr_drop_epoch * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, drop))
+    step = 0
+    if resume:
+        step = _resume(resume, cfg, model, optimizer, scheduler)
+    ddp = model
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if t.amp == "bf16" and device.type == "cuda" else nullcontext()
+    )
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    log = MetricLog(out, dist.is_main())
+    bar = _progress(total_steps, step, enabled=dist.is_main())
+    start, last_log, samples_since = time.time(), time.time(), 0
+    status = "finished"
+
+    def checkpoint(reason: str):
+        if dist.is_main():
+            save_checkpoint(
+                out / "checkpoint", model, to_dict(cfg),
+                {"step": step, "epoch": step / steps_per_epoch, "total_steps": total_steps,
+                 "reason": reason, "lads_version": __version__, "torch_version": torch.__version__,
+                 "world_size": world},
+                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                 "rng": torch.get_rng_state()},
+                tokenizer=tokenizer,
+            )
+        dist.barrier()
+
+    model.train()
+    with StopFlag() as stop:
+        loader_epoch, batches = None, None
+        while step < total_steps:
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            if loader_epoch != epoch:
+                batches = iter(_epoch_loader(dataset, cfg, epoch, in_epoch, steps_per_epoch, accumulation, rank))
+                loader_epoch = epoch
+            terms_sum, gate_rates = {}, []
+            for a in range(accumulation):
+                batch = to_device(next(batches), device)
+                torch.manual_seed(mix_seed(t.seed, step, rank * accumulation + a))
+                sync = nullcontext() if (world == 1 or a == accumulation - 1) else ddp.no_sync()
+                with sync, autocast:
+                    outputs = ddp(batch["image"], batch["pixel_mask"], batch["input_ids"], batch["attention_mask"])
+                    terms = model.loss(outputs, batch["box"])
+                    (terms["loss"] / accumulation).backward()
+                for k, v in terms.items():
+                    terms_sum[k] = terms_sum.get(k, 0.0) + v.item() / accumulation
+                if outputs["gates"] is not None:
+                    gate_rates.append((outputs["gates"].layer.mean().item(), outputs["gates"].filter.mean().item()))
+            if not _all_finite(terms_sum["loss"], device):
+                status = f"stopped: non-finite loss at step {step}; the last good checkpoint is kept"
+                break
+            if t.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            samples_since += t.batch_size
+            bar.update(1)
+            if dist.is_main() and (step % t.log_every == 0 or step == total_steps):
+                now = time.time()
+                record = {"step": step, "epoch": round(step / steps_per_epoch, 3), **terms_sum,
+                          "lr": optimizer.param_groups[0]["lr"], "samples_per_s": samples_since / (now - last_log),
+                          "elapsed_s": now - start}
+                if gate_rates:
+                    record["open_layers"] = float(np.mean([r[0] for r in gate_rates]))
+                    record["open_filters"] = float(np.mean([r[1] for r in gate_rates]))
+                log.write(record)
+                bar.set_postfix(loss=f"{terms_sum['loss']:.3f}")
+                last_log, samples_since = now, 0
+            out_of_time = t.max_minutes is not None and time.time() - start > 60 * t.max_minutes
+            reason = _agree_to_stop(stop.signal, out_of_time, device)
+            if reason:
+                status = f"stopped by {reason} at step {step}"
+                checkpoint(reason)
+                break
+            if step % t.checkpoint_every == 0 and step < total_steps:
+                checkpoint("periodic")
+        else:
+            checkpoint("finished")
+    bar.close()
+    log.close()
+    if dist.is_main():
+        print(f"training {status}; checkpoint: {out / 'checkpoint'}")
+    if status.startswith("stopped: non-finite"):
+        raise LadsError(f"training {status}")
+    return out / "checkpoint"
+
+
+def _resume(path, cfg: Config, model, optimizer, scheduler) -> int:
+    folder, saved, _ = read_meta(path)
+    if saved.get("model") != to_dict(cfg)["model"]:
+        raise LadsError(f"checkpoint {folder} was written for another model config; resume with its own config.json")
+    load_weights(folder, model)
+    state = load_training_state(folder)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    if dist.is_main():
+        print(f"resuming from {folder} at step {state['step']}")
+    return int(state["step"])
+
+
+def _epoch_loader(dataset, cfg, epoch, first_step, steps_per_epoch, accumulation, rank):
+    """This rank's micro-batches for the rest of ``epoch``, in order."""
+    from lads.datasets.dataset import collate
+
+    t = cfg.train
+    perm = epoch_permutation(len(dataset), t.seed, epoch)
+    plan = [
+        [(epoch, i) for i in micro]
+        for s in range(first_step, steps_per_epoch)
+        for micro in rank_micro_batches(perm, t.batch_size, s, t.micro_batch, accumulation, rank)
+    ]
+    workers = cfg.data.num_workers
+    return DataLoader(dataset, batch_sampler=plan, collate_fn=collate, num_workers=workers,
+                      persistent_workers=False, prefetch_factor=4 if workers else None)
+
+
+def _all_finite(value: float, device) -> bool:
+    flag = torch.tensor([0.0 if math.isfinite(value) else 1.0], device=device)
+    if dist.is_distributed():
+        torch.distributed.all_reduce(flag)
+    return flag.item() == 0
+
+
+def _agree_to_stop(signal_name, out_of_time, device) -> str | None:
+    """Every rank stops at the same step: a signal or the time budget on any rank stops all."""
+    code = 2.0 if signal_name else (1.0 if out_of_time else 0.0)
+    flag = torch.tensor([code], device=device)
+    if dist.is_distributed():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return {0.0: None, 1.0: "time budget", 2.0: signal_name or "signal"}[flag.item()]
+
+
+def _progress(total, initial, enabled):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model, dataset, batch_size: int = 32, mode: str = "subnet", num_workers: int = 0, progress=True) -> dict:
+    """Prec@0.5 on ``dataset`` in original image pixels, each expression counted exactly once
+    (every rank takes indices ``rank::world``; results are gathered by index, no padding)."""
+    from lads.datasets.dataset import collate
+    from lads.datasets.transforms import box_to_original
+    from lads.models.subnet import SubnetRunner
+    from lads.util.box_ops import box_iou, cxcywh_to_xyxy
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = next(model.parameters()).device
+    model.eval()
+    runner = SubnetRunner(model)
+    mine = list(range(rank, len(dataset), world))
+    loader = DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size, collate_fn=collate,
+                        num_workers=num_workers)
+    from tqdm.auto import tqdm
+
+    rows, seconds, extraction = [], 0.0, 0.0
+    cursor = 0
+    for batch in tqdm(loader, disable=not (progress and dist.is_main()), desc="eval", unit="batch", leave=False):
+        batch = to_device(batch, device)
+        result = runner(batch["image"], batch["pixel_mask"], batch["input_ids"], batch["attention_mask"], mode=mode)
+        seconds += result["times"]["total"]
+        extraction += result["times"].get("extraction", 0.0)
+        for j, meta in enumerate(batch["meta"]):
+            pred = box_to_original(result["boxes"][j].float().cpu(), meta)
+            truth = torch.tensor(meta["record"].box, dtype=torch.float32)
+            iou = box_iou(torch.as_tensor(pred, dtype=torch.float32), truth).item()
+            kept = _kept(model, result["gates"], j)
+            rows.append({"index": mine[cursor], "iou": iou, "correct": iou >= 0.5,
+                         "expr_type": meta["record"].expr_type, **kept})
+            cursor += 1
+    gathered = {r["index"]: r for part in dist.all_gather_objects(rows) for r in part}
+    times = dist.all_gather_objects((seconds, extraction, len(rows)))
+    n = len(gathered)
+    total_time = sum(s for s, _, _ in times)
+    summary = {
+        "expressions": n,
+        "correct": sum(r["correct"] for r in gathered.values()),
+        "prec@0.5": 100.0 * sum(r["correct"] for r in gathered.values()) / max(n, 1),
+        "mean_iou": float(np.mean([r["iou"] for r in gathered.values()])) if n else 0.0,
+        "ms_per_expression": 1000.0 * total_time / max(n, 1),
+        "extraction_ms_per_expression": 1000.0 * sum(e for _, e, _ in times) / max(n, 1),
+        "layers_kept": float(np.mean([r["layers"] for r in gathered.values()])) if n else 0.0,
+        "filters_kept": float(np.mean([r["filters"] for r in gathered.values()])) if n else 0.0,
+    }
+    by_type = {}
+    for r in gathered.values():
+        if r["expr_type"]:
+            by_type.setdefault(r["expr_type"], []).append(r["correct"])
+    if by_type:
+        summary["prec@0.5_by_type"] = {k: 100.0 * sum(v) / len(v) for k, v in sorted(by_type.items())}
+    return summary
+
+
+def _kept(model, gates, j) -> dict:
+    """Layers (bottlenecks and sublayers) and filters of expression ``j``'s subnet."""
+    layout = model.layout
+    total_layers = len(layout.candidates)
+    if gates is None:
+        return {"layers": total_layers, "filters": layout.num_filter_gates}
+    closed = int((gates.layer[j] == 0).sum())
+    return {"layers": total_layers - closed, "filters": int(gates.filter[j].sum())}
+
+
+def load_model(checkpoint, device=None):
+    """(model in eval mode, Config) from a checkpoint folder."""
+    from lads.models import LADS
+
+    folder, saved, _ = read_meta(checkpoint)
+    cfg = config_from_dict(saved)
+    built = copy.deepcopy(cfg.model)
+    if (folder / TEXT).exists():  # the checkpoint carries its tokenizer and BERT config
+        built.text.name, built.text.pretrained = str(folder / TEXT), False
+    model = LADS(built)
+    load_weights(folder, model)
+    return model.to(device or "cpu").eval(), cfg

@@ -1,0 +1,88 @@
+"""``lads eval``: Prec@0.5 per split as a table like the paper's Table 1 (markdown and JSON)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def add_arguments(parser):
+    parser.add_argument("--checkpoint", nargs="+", required=True, metavar="DIR",
+                        help="one or more checkpoints (one table row each)")
+    parser.add_argument("--data", help="dataset path (default: the checkpoint's data.path)")
+    parser.add_argument("--splits", nargs="+", help="splits to evaluate (default: the config's data.eval_splits)")
+    parser.add_argument("--mode", choices=["subnet", "masked", "dense"], default="subnet",
+                        help="extracted subnets (default), masked supernet, or every gate open")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--out", help="write the table as OUT.md and OUT.json")
+
+
+def evaluate_checkpoints(checkpoints, data=None, splits=None, mode="subnet", batch_size=32) -> list[dict]:
+    """One row per checkpoint: {name, mode, device, dtype, splits: {split: summary}}."""
+    import torch
+
+    from lads.engine import evaluate, load_model, load_split
+    from lads.models.text import load_tokenizer
+    from lads.util import dist
+
+    device = dist.local_device()
+    dist.init_distributed(device)
+    rows = []
+    for ckpt in checkpoints:
+        model, cfg = load_model(ckpt, device)
+        if data:
+            cfg.data.path = data
+        tokenizer = load_tokenizer(model.config.text.name)
+        results = {}
+        for split in splits or cfg.data.eval_splits:
+            dataset = load_split(cfg, split, False, tokenizer)
+            results[split] = evaluate(model, dataset, batch_size, mode if not cfg.model.dense else "dense")
+        name = ("dense" if cfg.model.dense else "LADS") + f" ({Path(ckpt).name})"
+        rows.append({"name": name, "checkpoint": str(ckpt), "mode": mode, "device": _device_name(device),
+                     "dtype": str(torch.get_default_dtype()).replace("torch.", ""),
+                     "threads": torch.get_num_threads(), "splits": results})
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Rows of models, columns of splits (Prec@0.5), then time and subnet size."""
+    splits = list(dict.fromkeys(s for r in rows for s in r["splits"]))
+    head = ["Method", *splits, "Time (ms)", "Layers kept", "Filters kept"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        res = r["splits"]
+        n = sum(v["expressions"] for v in res.values())
+        mean = lambda key: sum(v[key] * v["expressions"] for v in res.values()) / max(n, 1)  # noqa: E731
+        cells = [r["name"], *(f"{res[s]['prec@0.5']:.2f}" if s in res else "–" for s in splits),
+                 f"{mean('ms_per_expression'):.1f}", f"{mean('layers_kept'):.1f}", f"{mean('filters_kept'):.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    r0 = rows[0]
+    lines.append("")
+    lines.append(f"Prec@0.5 (%), IoU ≥ 0.5 in original image pixels. Time: mean per expression over the split, "
+                 f"batch of the evaluation, mode {r0['mode']}, on {r0['device']}, {r0['dtype']}, "
+                 f"{r0['threads']} threads.")
+    return "\n".join(lines)
+
+
+def _device_name(device) -> str:
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def run(args):
+    from lads.util import dist
+
+    rows = evaluate_checkpoints(args.checkpoint, args.data, args.splits, args.mode, args.batch_size)
+    if not dist.is_main():
+        return
+    table = markdown_table(rows)
+    print(table)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out + ".md").write_text(table + "\n")
+        Path(args.out + ".json").write_text(json.dumps(rows, indent=2))

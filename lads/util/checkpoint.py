@@ -1,0 +1,102 @@
+"""Checkpoints: a folder with weights (safetensors), config and metadata (JSON) and, for
+resuming, the optimizer, scheduler and RNG state. Written atomically: the new folder is
+complete before it replaces the old one, so a killed run never leaves a half checkpoint.
+
+    DIR/model.safetensors   DIR/config.json   DIR/meta.json   DIR/training_state.pt   DIR/text/
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lads.errors import LadsError
+
+WEIGHTS, CONFIG, META, STATE = "model.safetensors", "config.json", "meta.json", "training_state.pt"
+TEXT = "text"  # tokenizer and BERT config of the text backbone
+
+
+def save_checkpoint(path, model, config: dict, meta: dict, training_state: dict | None = None,
+                    tokenizer=None) -> Path:
+    """Write a checkpoint folder atomically (write a sibling, then swap). With ``tokenizer``,
+    the text backbone's tokenizer and BERT config go to ``DIR/text``, so that the checkpoint
+    loads offline without the original text model."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / WEIGHTS))
+    (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+    if training_state is not None:
+        torch.save(training_state, tmp / STATE)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp / TEXT))
+        model.text_backbone.bert.config.save_pretrained(str(tmp / TEXT))
+    files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+    (tmp / META).write_text(json.dumps({**meta, "files": files}, indent=2))
+    previous = path.with_name(path.name + ".prev")
+    if path.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(path, previous)
+    os.replace(tmp, path)
+    shutil.rmtree(previous, ignore_errors=True)
+    return path
+
+
+def resolve_checkpoint(path) -> Path:
+    """The checkpoint folder itself, or the one inside a run folder; a ``.prev`` left by a
+    write interrupted between its two renames counts too."""
+    path = Path(path)
+    for candidate in (path, path / "checkpoint", path.with_name(path.name + ".prev")):
+        if (candidate / META).exists():
+            return candidate
+    if not path.exists():
+        raise LadsError(f"checkpoint {path}: no such folder")
+    raise LadsError(f"checkpoint {path}: no {META} here (not a checkpoint, or a partial one)")
+
+
+def read_meta(path) -> tuple[Path, dict, dict]:
+    """(folder, config dict, meta dict) of a complete checkpoint; partial ones are refused."""
+    path = resolve_checkpoint(path)
+    meta = json.loads((path / META).read_text())
+    for name, size in meta.get("files", {}).items():
+        f = path / name
+        if not f.exists():
+            raise LadsError(f"checkpoint {path} is partial: {name} is missing")
+        if f.stat().st_size != size:
+            raise LadsError(f"checkpoint {path}: {name} is truncated or altered ({f.stat().st_size} bytes, expected {size})")
+    return path, json.loads((path / CONFIG).read_text()), meta
+
+
+def load_weights(path: Path, model) -> None:
+    """Load ``model.safetensors`` into ``model`` strictly, naming the keys that differ."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise LadsError(f"{path / WEIGHTS}: cannot read the weights ({e})") from None
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        raise LadsError(
+            f"{path / WEIGHTS} does not fit this model's config: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, other shapes {sorted(wrong)[:5]}"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def load_training_state(path: Path) -> dict:
+    f = path / STATE
+    if not f.exists():
+        raise LadsError(f"checkpoint {path} holds no training state ({STATE}); cannot resume")
+    return torch.load(f, map_location="cpu", weights_only=True)
