@@ -86,7 +86,12 @@ def matching(objects, phrase):
 
 
 def resolve(sent, objects, colours, shapes, margin):
-    """(form, objects the expression fits): one object when it is unambiguous."""
+    """(form, objects the expression fits): one object when it is unambiguous.
+
+    "A left of B": B's centre is at least ``margin`` px right of A's; no other candidate may be
+    to B's left by less than that. "The k-th X from the left": k - 1 X are at least ``margin``
+    px to its left, all other X at least ``margin`` px to its right.
+    """
     words = sent.split()
     assert words[0] == "the", sent
     relational = RELATION.match(sent)
@@ -96,8 +101,10 @@ def resolve(sent, objects, colours, shapes, margin):
         if len(anchors) != 1:
             return "relational", []
         direction = {"left of": "left", "right of": "right", "above": "top", "below": "bottom"}[relation]
-        candidates = matching(objects, parse_phrase(first.split(), colours, shapes))
-        return "relational", [o for o in candidates if o is not anchors[0] and before(o, anchors[0], direction) >= margin]
+        candidates = [o for o in matching(objects, parse_phrase(first.split(), colours, shapes)) if o is not anchors[0]]
+        if any(0 < before(o, anchors[0], direction) < margin for o in candidates):
+            return "relational", []  # too close to call
+        return "relational", [o for o in candidates if before(o, anchors[0], direction) >= margin]
     if words[1] in SUPERLATIVES:
         direction, rank, phrase = SUPERLATIVES[words[1]], 1, words[2:]
     elif words[1] in ORDINALS:
@@ -183,7 +190,7 @@ def test_split_and_expression_type_proportions(dataset):
 
 
 def test_scene_contents(dataset):
-    _, refs, instances, _, objects = dataset
+    _, _, instances, _, objects = dataset
     counts = [len(scene) for scene in objects.values()]
     assert min(counts) >= 3 and max(counts) <= 8
     attributes = Counter(tuple(a["attributes"].values()) for a in instances["annotations"])

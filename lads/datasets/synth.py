@@ -104,6 +104,8 @@ OUTLINES = {
 
 @dataclass
 class SceneObject:
+    """One drawn object, as annotated."""
+
     shape: str
     colour: str
     size: str
@@ -191,7 +193,7 @@ def make_scene(rng, width: int, height: int, scale: float, pairs, required=()):
     for index, (colour, shape) in enumerate(specs):
         size = str(rng.choice(list(SIZES)))
         low, high = SIZES[size]
-        mask = shape_mask(shape, max(4, round(rng.integers(low, high + 1) * scale)))
+        mask = shape_mask(shape, round(rng.integers(low, high + 1) * scale))
         may_overlap = rng.random() < OVERLAP_PROB  # objects of one colour never touch
         keep_clear = [b for b, (c, _, _) in zip(placed_boxes, kept) if c == colour or not may_overlap]
         corner = _place(rng, owner, mask, keep_clear, visible, areas)
