@@ -19,14 +19,14 @@ from lads.datasets import jsonl, refer, transvg
 from lads.datasets.records import Collector, Record
 from lads.errors import LadsError
 
-__all__ = ["Record", "load_records", "known_splits", "read_dataset"]
+__all__ = ["Contents", "Record", "known_splits", "load_records", "read_dataset"]
 
 SPLIT_ORDER = ("train", "val", "test", "testA", "testB", "testC")
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Dataset:
+class Contents:
     """What a reader found: the wanted records, every split the data has, what was skipped."""
 
     splits: list[str]
@@ -49,8 +49,8 @@ def _detect(path: Path, split_by):
             return jsonl.read, path, {}
         if path.suffix == ".pth":
             return transvg.read, path, {}
-        if (m := refer.REFS_PATTERN.match(path.name)) and split_by in (None, m.group(1)):
-            return refer.read, path.parent, {"split_by": m.group(1)}
+        if m := refer.REFS_PATTERN.match(path.name):
+            return refer.read, path.parent, {"split_by": split_by or m.group(1)}
     elif refer.split_bys(path):
         return refer.read, path, {"split_by": split_by}
     elif any(path.glob(f"{path.name}_*.pth")):
@@ -62,7 +62,7 @@ def _detect(path: Path, split_by):
     )
 
 
-def read_dataset(path, splits=None, *, image_root=None, split_by=None, strict=False) -> Dataset:
+def read_dataset(path, splits=None, *, image_root=None, split_by=None, strict=False) -> Contents:
     """Every record of ``splits`` (None: all) at ``path``; see ``load_records``."""
     path = Path(path)
     reader, where, kwargs = _detect(path, split_by)
@@ -74,7 +74,7 @@ def read_dataset(path, splits=None, *, image_root=None, split_by=None, strict=Fa
             f"{path}: no split {', '.join(map(repr, missing))}; "
             f"this dataset has {', '.join(_sorted_splits(found)) or 'no records'}"
         )
-    dataset = Dataset(_sorted_splits(found), collector.records, collector.skipped,
+    dataset = Contents(_sorted_splits(found), collector.records, collector.skipped,
                       collector.examples)
     if splits != [] and not dataset.records and collector.skipped:
         raise LadsError(f"{path}: no usable records; e.g. {next(iter(collector.examples.values()))}")

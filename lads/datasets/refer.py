@@ -94,27 +94,35 @@ def read(folder: Path, collector: Collector, *, split_by=None, image_root=None) 
     annotations, images = _instances(folder / "instances.json")
     image_root = Path(image_root) if image_root is not None else folder / "images"
     for ref in wanted:
-        split, where = str(ref.get("split")), f"{refs_path} ref {ref.get('ref_id')}"
-        ann = annotations.get(ref.get("ann_id"))
-        image = images.get(ann.get("image_id") if ann else ref.get("image_id"))
-        if ann is None or image is None:
-            what = "annotation" if ann is None else "image"
-            collector.skip(split, where, f"{what} missing from instances.json")
-            continue
-        size = (image["width"], image["height"]) if {"width", "height"} <= image.keys() else None
-        for sentence in ref.get("sentences") or []:
-            record = Record(
-                image=str(image_root / image["file_name"]),
-                expression=sentence.get("sent") or sentence.get("raw") or "",
-                box=ann.get("bbox"),
-                dataset=folder.name,
-                split=split,
-                ref_id=ref.get("ref_id"),
-                ann_id=ann["id"],
-                image_id=image["id"],
-                sent_id=sentence.get("sent_id"),
-                expr_type=sentence.get("expr_type"),
-                source=f"{where} sentence {sentence.get('sent_id')}",
-            )
-            collector.add(record, size, "xywh")
+        where = f"{refs_path} ref {ref.get('ref_id')}"
+        try:
+            _add_ref(ref, annotations, images, image_root, folder.name, where, collector)
+        except (KeyError, TypeError, AttributeError) as e:
+            collector.skip(str(ref.get("split")), where, f"malformed ref ({type(e).__name__}: {e})")
     return splits
+
+
+def _add_ref(ref, annotations, images, image_root, dataset, where, collector):
+    """One record per sentence of ``ref``."""
+    split = str(ref["split"])
+    ann = annotations.get(ref["ann_id"])
+    image = images.get(ann["image_id"]) if ann else None
+    if ann is None or image is None:
+        what = "annotation" if ann is None else "image"
+        return collector.skip(split, where, f"{what} missing from instances.json")
+    size = (image["width"], image["height"]) if {"width", "height"} <= image.keys() else None
+    for sentence in ref["sentences"]:
+        record = Record(
+            image=str(image_root / image["file_name"]),
+            expression=sentence.get("sent") or sentence.get("raw") or "",
+            box=ann["bbox"],
+            dataset=dataset,
+            split=split,
+            ref_id=ref.get("ref_id"),
+            ann_id=ann["id"],
+            image_id=image["id"],
+            sent_id=sentence.get("sent_id"),
+            expr_type=sentence.get("expr_type"),
+            source=f"{where} sentence {sentence.get('sent_id')}",
+        )
+        collector.add(record, size, "xywh")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import pickle
 import pickletools
+import re
 from collections import Counter
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,3 +147,26 @@ def test_jsonl_with_nothing_usable(tmp_path):
     path.write_text('{"image": "a.jpg", "expression": "x", "box": [5, 5, 1, 1]}\n')
     with pytest.raises(LadsError, match=r"bad\.jsonl: no usable records; e\.g\. .*bad\.jsonl:1"):
         load_records(path, "test")
+
+
+def test_jsonl_example_in_docs_reads(tmp_path):
+    docs = Path(__file__).parents[2] / "docs" / "data.md"
+    example = re.search(r"## JSONL.*?```json\n(.*?)```", docs.read_text(), re.S).group(1)
+    (tmp_path / "my.jsonl").write_text(example)
+    assert known_splits(tmp_path / "my.jsonl") == ["train", "val", "test"]
+    train, skipped = load_records(tmp_path / "my.jsonl", "train")
+    assert train[0].box == (230.0, 60.0, 340.0, 210.0) and skipped == Counter()
+
+
+def test_refer_malformed_refs_are_counted(refer_dir, py2_pickle):
+    refs = [
+        {"ref_id": 1, "ann_id": 10, "image_id": 1, "split": "train", "sentences": [{"sent": "ok", "sent_id": 1}]},
+        {"ref_id": 2, "ann_id": 99, "image_id": 1, "split": "train", "sentences": [{"sent": "x"}]},
+        {"ref_id": 3, "ann_id": 10, "image_id": 1, "split": "train"},
+    ]
+    (refer_dir / "refs(unc).p").write_bytes(py2_pickle(refs))
+    records, skipped = load_records(refer_dir, "train")
+    assert [r.expression for r in records] == ["ok"]
+    assert skipped == Counter({"annotation missing from instances.json": 1, "malformed ref": 1})
+    with pytest.raises(LadsError, match=r"refs\(unc\)\.p ref 2: annotation missing"):
+        load_records(refer_dir, "train", strict=True)
