@@ -74,11 +74,9 @@ def read_dataset(path, splits=None, *, image_root=None, split_by=None, strict=Fa
             f"{path}: no split {', '.join(map(repr, missing))}; "
             f"this dataset has {', '.join(_sorted_splits(found)) or 'no records'}"
         )
-    dataset = Contents(_sorted_splits(found), collector.records, collector.skipped,
-                      collector.examples)
-    if splits != [] and not dataset.records and collector.skipped:
+    if splits != [] and not collector.records and collector.skipped:
         raise LadsError(f"{path}: no usable records; e.g. {next(iter(collector.examples.values()))}")
-    return dataset
+    return Contents(_sorted_splits(found), collector.records, collector.skipped, collector.examples)
 
 
 def load_records(path, split, *, image_root=None, split_by=None, strict=False):
@@ -91,15 +89,15 @@ def load_records(path, split, *, image_root=None, split_by=None, strict=False):
     (default: unc, then umd, berkeley, google). An unknown split raises ``LadsError``
     naming the splits the data has.
     """
-    dataset = read_dataset(path, None if split is None else [split], image_root=image_root,
-                           split_by=split_by, strict=strict)
+    contents = read_dataset(path, None if split is None else [split], image_root=image_root,
+                            split_by=split_by, strict=strict)
     skipped = Counter()
-    for (_, reason), n in dataset.skipped.items():
+    for (_, reason), n in contents.skipped.items():
         skipped[reason] += n
     for reason, n in skipped.items():
         log.warning("%s: skipped %d record(s): %s (first: %s)", path, n, reason,
-                    dataset.examples[reason])
-    return dataset.records, skipped
+                    contents.examples[reason])
+    return contents.records, skipped
 
 
 def known_splits(path, *, split_by=None) -> list[str]:
