@@ -75,7 +75,8 @@ def read_dataset(path, splits=None, *, image_root=None, split_by=None, strict=Fa
             f"this dataset has {', '.join(_sorted_splits(found)) or 'no records'}"
         )
     if splits != [] and not collector.records and collector.skipped:
-        raise LadsError(f"{path}: no usable records; e.g. {next(iter(collector.examples.values()))}")
+        first = next(iter(collector.examples.values()))
+        raise LadsError(f"{path}: no usable records; e.g. {first}")
     return Contents(_sorted_splits(found), collector.records, collector.skipped, collector.examples)
 
 

@@ -29,7 +29,8 @@ def split_rows(path, dataset) -> list[tuple]:
     for (split, _), n in dataset.skipped.items():
         skipped[split or "-"] += n
     rows = []
-    for split in [s for s in dataset.splits if s in by_split or s in skipped] + ["-"] * ("-" in skipped):
+    present = [s for s in dataset.splits if s in by_split or s in skipped]
+    for split in present + ["-"] * ("-" in skipped):
         records = by_split[split]
         words = [len(r.expression.split()) for r in records]
         objects = {r.ann_id if r.ann_id is not None else (r.image, r.box) for r in records}

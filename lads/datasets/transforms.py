@@ -56,8 +56,8 @@ def swap_left_right(text: str) -> str:
 def hflip(img: Image.Image, box, text: str):
     """Mirror the image, the box and the words ``left``/``right`` in the expression."""
     x1, y1, x2, y2 = box
-    w = img.width
-    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), (w - x2, y1, w - x1, y2), swap_left_right(text)
+    flipped = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return flipped, (img.width - x2, y1, img.width - x1, y2), swap_left_right(text)
 
 
 def crop_keeping_box(img: Image.Image, box, min_side: float, rng) -> tuple[int, int, int, int]:
@@ -153,5 +153,7 @@ def box_to_original(box, meta) -> torch.Tensor:
     if meta["flipped"]:
         x1, x2 = meta["content"][0] - x2, meta["content"][0] - x1
     (sx, sy), (x0, y0), (width, height) = meta["scale"], meta["crop"], meta["size"]
-    out = torch.stack([x1 / sx + x0, (cy - h / 2) / sy + y0, x2 / sx + x0, (cy + h / 2) / sy + y0], -1)
-    return torch.minimum(out.clamp(min=0), torch.tensor([width, height, width, height], dtype=torch.float32))
+    y1, y2 = cy - h / 2, cy + h / 2
+    out = torch.stack([x1 / sx + x0, y1 / sy + y0, x2 / sx + x0, y2 / sy + y0], -1)
+    limit = out.new_tensor([width, height, width, height])
+    return torch.minimum(out.clamp(min=0), limit)
