@@ -1,0 +1,159 @@
+"""Image, box and text transforms, ending in an ``image_size`` square with a pad mask.
+
+Evaluation: resize the long side to ``image_size``, letterbox-pad (image at the top left, pad
+at the bottom and right), ImageNet normalisation. Training adds, in this order, a random crop
+that keeps the referred box whole, a multi-scale resize (the long side drawn from
+``Augment.scales``), a horizontal flip that swaps ``left``/``right`` as whole words in the
+expression, and colour jitter.
+
+Boxes are ``(x1, y1, x2, y2)`` pixels on the way in; the output box is ``(cx, cy, w, h)``
+normalised by ``image_size``. ``meta`` records each geometric step so that
+``box_to_original`` maps a predicted box back to the original image.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+
+MEAN = (0.485, 0.456, 0.406)  # ImageNet
+STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Augment:
+    """Training augmentation settings."""
+
+    scales: tuple[float, ...] = (0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)  # long side / size
+    crop: float = 0.5  # probability of a random crop (it always keeps the box whole)
+    crop_min: float = 0.6  # smallest crop side, as a fraction of the image side
+    flip: float = 0.5  # probability of a horizontal flip
+    jitter: float = 0.4  # brightness, contrast, saturation factors in [1 - j, 1 + j]
+
+
+_LEFT_RIGHT = re.compile(r"\b(left|right)(most)?\b", re.IGNORECASE)
+
+
+def _swap_word(match: re.Match) -> str:
+    word = match.group(0)
+    swapped = ("right" if match.group(1).lower() == "left" else "left") + (match.group(2) or "")
+    if word.isupper():
+        return swapped.upper()
+    return swapped.capitalize() if word[0].isupper() else swapped
+
+
+def swap_left_right(text: str) -> str:
+    """``left <-> right`` and ``leftmost <-> rightmost`` as whole words ("bright" stays)."""
+    return _LEFT_RIGHT.sub(_swap_word, text)
+
+
+def hflip(img: Image.Image, box, text: str):
+    """Mirror the image, the box and the words ``left``/``right`` in the expression."""
+    x1, y1, x2, y2 = box
+    flipped = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return flipped, (img.width - x2, y1, img.width - x1, y2), swap_left_right(text)
+
+
+def crop_keeping_box(img: Image.Image, box, min_side: float, rng) -> tuple[int, int, int, int]:
+    """A random crop region ``(x0, y0, x1, y1)`` (integers) that contains ``box`` whole.
+
+    Each axis is drawn on its own: a side length at least the box's extent and ``min_side``
+    of the image, then an origin between "box touches the far edge" and "box touches the
+    near edge", clamped to the image.
+    """
+    region = []
+    for lo, hi, side in ((box[0], box[2], img.width), (box[1], box[3], img.height)):
+        lo, hi = max(0, math.floor(lo)), min(side, math.ceil(hi))
+        length = rng.randint(min(side, max(hi - lo, math.ceil(min_side * side))), side)
+        start = rng.randint(max(0, hi - length), min(lo, side - length))
+        region.append((start, start + length))
+    (x0, x1), (y0, y1) = region
+    return x0, y0, x1, y1
+
+
+def resize_long_side(img: Image.Image, long_side: int) -> Image.Image:
+    scale = long_side / max(img.size)
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    return img.resize(size, Image.Resampling.BILINEAR)
+
+
+def color_jitter(img: Image.Image, strength: float, rng) -> Image.Image:
+    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        img = enhance(img).enhance(rng.uniform(1 - strength, 1 + strength))
+    return img
+
+
+def pad_to_square(img: Image.Image, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised (3, size, size) image, top-left aligned, and its mask (True = padding)."""
+    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    pixels = (pixels - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    image = torch.zeros(3, size, size)
+    image[:, : img.height, : img.width] = pixels
+    mask = torch.ones(size, size, dtype=torch.bool)
+    mask[: img.height, : img.width] = False
+    return image, mask
+
+
+def _resize(img, box, long_side: int, meta: dict):
+    """Resize the long side to ``long_side``, scaling ``box`` (if any) along."""
+    resized = resize_long_side(img, long_side)
+    sx, sy = resized.width / img.width, resized.height / img.height
+    meta.update(scale=(sx, sy), content=resized.size)
+    return resized, None if box is None else (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+
+def _output(img, box, text, meta):
+    image, mask = pad_to_square(img, meta["image_size"])
+    target = None
+    if box is not None:
+        x1, y1, x2, y2 = (v / meta["image_size"] for v in box)
+        target = torch.tensor([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dtype=torch.float32)
+    return image, mask, target, text, meta
+
+
+def _start_meta(img, size):
+    return {"size": img.size, "image_size": size, "crop": (0, 0), "flipped": False}
+
+
+def eval_transform(img: Image.Image, box, text: str, size: int):
+    """``(image, pixel_mask, box_cxcywh, text, meta)``: letterbox to a ``size`` square.
+    ``box`` may be None (inference), and then so is ``box_cxcywh``."""
+    meta = _start_meta(img, size)
+    img, box = _resize(img, box, size, meta)
+    return _output(img, box, text, meta)
+
+
+def train_transform(img: Image.Image, box, text: str, size: int, augment: Augment, rng=random):
+    """Like ``eval_transform``, with random crop, scale, flip and colour jitter."""
+    meta = _start_meta(img, size)
+    if rng.random() < augment.crop:
+        x0, y0, x1, y1 = crop_keeping_box(img, box, augment.crop_min, rng)
+        img, box = img.crop((x0, y0, x1, y1)), (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
+        meta["crop"] = (x0, y0)
+    img, box = _resize(img, box, max(1, round(size * rng.choice(augment.scales))), meta)
+    if rng.random() < augment.flip:
+        img, box, text = hflip(img, box, text)
+        meta["flipped"] = True
+    if augment.jitter:
+        img = color_jitter(img, augment.jitter, rng)
+    return _output(img, box, text, meta)
+
+
+def box_to_original(box, meta) -> torch.Tensor:
+    """A ``(cx, cy, w, h)`` box normalised to the padded square -> ``(x1, y1, x2, y2)``
+    pixels in the original image, clipped to it. Inverts both transforms."""
+    cx, cy, w, h = (torch.as_tensor(box, dtype=torch.float32) * meta["image_size"]).unbind(-1)
+    x1, x2 = cx - w / 2, cx + w / 2
+    if meta["flipped"]:
+        x1, x2 = meta["content"][0] - x2, meta["content"][0] - x1
+    (sx, sy), (x0, y0), (width, height) = meta["scale"], meta["crop"], meta["size"]
+    y1, y2 = cy - h / 2, cy + h / 2
+    out = torch.stack([x1 / sx + x0, y1 / sy + y0, x2 / sx + x0, y2 / sy + y0], -1)
+    limit = out.new_tensor([width, height, width, height])
+    return torch.minimum(out.clamp(min=0), limit)

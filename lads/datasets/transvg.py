@@ -1,0 +1,74 @@
+"""TransVG / ReSC split files: ``<ds>/<ds>_<split>.pth`` for ds in unc, unc+, gref, gref_umd,
+referit.
+
+Each file is a list of tuples ``(img_file, mask_file_or_seg_id, bbox, phrase, ...)``. The
+COCO-derived sets give ``bbox`` as ``[x, y, w, h]``, ReferIt as ``[x1, y1, x2, y2]``. The files
+carry no image sizes and no ids, so boxes are checked against the image when it is opened.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lads.datasets.records import Collector, Record
+from lads.errors import LadsError
+
+BOX_FORMATS = {"unc": "xywh", "unc+": "xywh", "gref": "xywh", "gref_umd": "xywh", "referit": "xyxy"}
+
+
+def dataset_name(path: Path) -> str:
+    """``unc`` for ``unc/`` and for ``unc_testA.pth``."""
+    ds = path.stem.rsplit("_", 1)[0] if path.is_file() else path.name
+    if ds not in BOX_FORMATS:
+        raise LadsError(f"{path}: unknown TransVG dataset {ds!r}; known: {', '.join(BOX_FORMATS)}")
+    return ds
+
+
+def split_files(path: Path) -> dict[str, Path]:
+    """``{split: file}`` for a split file or a ``<ds>/`` folder of them."""
+    ds = dataset_name(path)
+    files = [path] if path.is_file() else sorted(path.glob(f"{ds}_*.pth"))
+    return {f.stem[len(ds) + 1 :]: f for f in files}
+
+
+def _load(path: Path) -> list:
+    import pickle
+
+    import torch
+
+    try:
+        data = torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LadsError(f"{path}: not a readable TransVG split file ({first})") from None
+    if not isinstance(data, list):
+        raise LadsError(f"{path}: expected a list of tuples, got {type(data).__name__}")
+    return data
+
+
+def read(path: Path, collector: Collector, *, image_root=None) -> set[str]:
+    """Add the records of the wanted split files under ``path`` to ``collector``; return
+    every split there is. Images default to ``images/`` beside the split files."""
+    ds = dataset_name(path)
+    files = split_files(path)
+    folder = path.parent if path.is_file() else path
+    image_root = Path(image_root) if image_root is not None else folder / "images"
+    for split, file in files.items():
+        if not collector.wants(split):
+            continue
+        for i, item in enumerate(_load(file)):
+            where = f"{file} item {i}"
+            if not isinstance(item, (list, tuple)) or len(item) < 4:
+                collector.skip(split, where, "expected (img_file, mask, bbox, phrase, ...)")
+                continue
+            img_file, _, bbox, phrase = item[:4]
+            record = Record(
+                image=str(image_root / str(img_file)),
+                expression=phrase.decode("utf-8") if isinstance(phrase, bytes) else phrase,
+                box=bbox,
+                dataset=ds,
+                split=split,
+                source=where,
+            )
+            collector.add(record, None, BOX_FORMATS[ds])
+    return set(files)
