@@ -73,12 +73,15 @@ def rank_micro_batches(perm, batch, step_in_epoch, micro, accumulation, rank):
 
 
 def build_optimizer(model, cfg) -> torch.optim.Optimizer:
-    """AdamW with the paper's groups: ``lr_backbone`` for both backbones, ``lr`` for the rest."""
-    backbone, rest = [], []
+    """AdamW with the paper's groups: ``lr_backbone`` for both backbones, ``lr`` for the rest
+    (``lr_visual``, when set, for the visual backbone)."""
+    groups = {"rest": [], "visual_backbone": [], "text_backbone": []}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (backbone if name.startswith(("visual_backbone.", "text_backbone.")) else rest).append(p)
-    groups = [{"params": rest, "lr": cfg.lr}, {"params": backbone, "lr": cfg.lr_backbone}]
+            groups.get(name.split(".")[0], groups["rest"]).append(p)
+    lrs = {"rest": cfg.lr, "text_backbone": cfg.lr_backbone,
+           "visual_backbone": cfg.lr_backbone if cfg.lr_visual is None else cfg.lr_visual}
+    groups = [{"params": params, "lr": lrs[name]} for name, params in groups.items()]
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
 
 
@@ -107,7 +110,7 @@ def load_split(cfg: Config, split: str, train: bool, tokenizer):
         raise LadsError(f"{cfg.data.path}: split {split!r} holds no usable expression")
     return RecDataset(
         records, tokenizer, cfg.model.image_size, cfg.model.text.max_tokens,
-        train=train, augment=cfg.data.augment and train,
+        train=train and cfg.data.augment,
     )
 
 

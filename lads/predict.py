@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from lads.datasets.images import open_rgb, to_rgb
 from lads.errors import LadsError
 
 
@@ -39,7 +40,6 @@ def predict(model, image, expressions: list[str] | str, mode: str = "subnet", to
 
     ``image``: a path or a PIL image (EXIF orientation honoured).
     """
-    from lads.datasets.dataset import open_image
     from lads.datasets.transforms import box_to_original, eval_transform
     from lads.models.subnet import SubnetRunner
     from lads.models.text import load_tokenizer
@@ -47,10 +47,10 @@ def predict(model, image, expressions: list[str] | str, mode: str = "subnet", to
     expressions = [expressions] if isinstance(expressions, str) else list(expressions)
     if not expressions:
         raise LadsError("give at least one expression")
-    pil = open_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
+    pil = open_rgb(str(image)) if isinstance(image, (str, Path)) else to_rgb(image)
     tokenizer = tokenizer or load_tokenizer(model.config.text.name)
     tokens = tokenize(tokenizer, expressions, model.config.text.max_tokens)
-    tensor, pixel_mask, meta = eval_transform(pil, model.config.image_size)
+    tensor, pixel_mask, _, _, meta = eval_transform(pil, None, "", model.config.image_size)
     device = next(model.parameters()).device
     n = len(expressions)
     model.eval()
@@ -87,9 +87,7 @@ def draw(image, predictions: list[dict], path) -> Path:
     """The image with each expression's box drawn and labelled."""
     from PIL import ImageDraw
 
-    from lads.datasets.dataset import open_image
-
-    pil = (open_image(image) if isinstance(image, (str, Path)) else image).convert("RGB")
+    pil = open_rgb(str(image)) if isinstance(image, (str, Path)) else to_rgb(image)
     factor = max(1, 512 // max(pil.size))  # small images are enlarged so the labels are legible
     pil = pil.resize((pil.width * factor, pil.height * factor))
     canvas = ImageDraw.Draw(pil)
