@@ -228,3 +228,13 @@ def extract_subnet(model, gates: Gates, fold_bn: bool = False) -> Subnet:
     check_gates(gates, model.layout, 1)
     with torch.no_grad():
         return Subnet(model, gates, fold_bn)
+
+
+def random_gates(layout, keep: float, batch: int = 1, generator: torch.Generator | None = None) -> Gates:
+    """Hard gates with every layer gate and filter gate open with probability ``keep``.
+
+    With the same generator seed the open sets are nested as ``keep`` grows.
+    """
+    layer = torch.rand(batch, layout.num_layer_gates, generator=generator)
+    filt = torch.rand(batch, layout.num_filter_gates, generator=generator)
+    return Gates((layer < keep).float(), (filt < keep).float())
