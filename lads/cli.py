@@ -14,6 +14,7 @@ from lads import __version__
 COMMANDS = {
     "info": ("lads.models.info", "build a model and print its structure and parameter counts"),
     "data": ("lads.datasets.cli", "generate the synthetic benchmark, inspect datasets"),
+    "bench": ("lads.bench", "time and count FLOPs of dense, masked and extracted subnets"),
 }
 
 
