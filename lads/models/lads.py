@@ -92,6 +92,15 @@ class LADS(nn.Module):
         out["boxes"] = self.ground(images, pixel_mask, text, text_mask, out["gates"])
         return out
 
+    def extract_subnet(self, gates: Gates, fold_bn: bool = False):
+        """The static subnet of one expression's hard gates (DESIGN.md §3), eval mode only.
+
+        >>> subnet = model.eval().extract_subnet(gates)  # then subnet(images, pixel_mask, F_l, mask)
+        """
+        from lads.models.subnet import extract_subnet
+
+        return extract_subnet(self, gates, fold_bn)
+
     def loss(self, outputs, target_boxes):
         """Eq. 9 on the outputs of ``forward``."""
         w = self.config.loss

@@ -1,0 +1,310 @@
+"""``lads bench``: latency and FLOPs of the dense network, the masked supernet and extracted
+subnets (DESIGN.md §3).
+
+What the gates affect is timed: visual backbone + fusion + head, ``model.ground`` for dense
+(all gates open) and masked, ``Subnet.forward`` for the subnet. The text backbone and gating
+network run once per expression whatever the mode; they are timed apart as a shared cost.
+Medians from ``torch.utils.benchmark.Timer.blocked_autorange`` (it synchronises CUDA), after
+warm-up, under ``torch.inference_mode``; dense, masked and subnet are timed in alternating
+rounds and each speedup is over the dense time measured beside it. Writes ``bench.md``, ``bench.json`` and
+``speedup.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lads.errors import LadsError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def add_arguments(parser):
+    parser.add_argument("--config", default="lads-r50", help="preset name or JSON file (default: lads-r50)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value")
+    parser.add_argument("--checkpoint", metavar="DIR", help="a trained model: DIR/config.json + DIR/model.safetensors")
+    parser.add_argument("--random-text", action="store_true",
+                        help="use a randomly initialised BERT-base-sized text backbone (no download)")
+    parser.add_argument("--keep", type=float, nargs="+", default=[0.25, 0.5, 0.75],
+                        help="keep rates of random hard gates (each gate open with this probability)")
+    parser.add_argument("--patterns", type=int, default=1, help="random gate patterns per keep rate (default 1)")
+    parser.add_argument("--expr", nargs="+", metavar="TEXT",
+                        help="gate patterns from these expressions (gating network) instead of --keep")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
+    parser.add_argument("--image-size", type=int, help="square input size (default: the config's)")
+    parser.add_argument("--text-len", type=int, default=20, help="tokens per expression with --keep (default 20)")
+    parser.add_argument("--fold-bn", action="store_true", help="fold batch norm into the subnet's convolutions")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC memory format for the convolutions")
+    parser.add_argument("--min-time", type=float, default=2.0, help="seconds per measurement (default 2)")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="dense, masked and subnet timed in this many alternating rounds (default 4)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench-out", metavar="DIR", help="output folder (default bench-out)")
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def random_text_config(directory: str | Path) -> str:
+    """A BERT-base-sized config (12 layers, 768 wide, 30,522 tokens) written to ``directory``."""
+    from transformers import BertConfig
+
+    BertConfig().save_pretrained(directory)
+    return str(directory)
+
+
+def load_checkpoint(directory: str | Path, overrides: list[str] | None = None):
+    """A LADS model from ``DIR/config.json`` (a full config, ``{"model": …}``, optionally under a
+    ``"config"`` key) and ``DIR/model.safetensors``, loaded strictly."""
+    from safetensors.torch import load_file
+
+    from lads.config import apply_overrides, config_from_dict
+    from lads.models import LADS
+
+    directory = Path(directory)
+    for name in ("config.json", "model.safetensors"):
+        if not (directory / name).is_file():
+            raise LadsError(f"--checkpoint {directory}: no {name}")
+    raw = json.loads((directory / "config.json").read_text())
+    raw = raw.get("config", raw)
+    config = config_from_dict(apply_overrides(raw, [*(overrides or []), "model.text.pretrained=false",
+                                                    "model.visual.pretrained=null"]))
+    model = LADS(config.model)
+    try:
+        model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=True)
+    except RuntimeError as e:
+        raise LadsError(f"--checkpoint {directory}: weights do not fit the config: {e}") from None
+    return model
+
+
+def build(args, workdir: Path):
+    from lads.models import build_model
+
+    overrides = list(args.overrides)
+    if args.random_text:
+        overrides += [f"model.text.name={random_text_config(workdir / 'bert')}", "model.text.pretrained=false"]
+    model = load_checkpoint(args.checkpoint, overrides) if args.checkpoint else build_model(args.config, overrides)
+    model = model.eval().to(args.device, DTYPES[args.dtype])
+    if args.channels_last:
+        model.visual_backbone.to(memory_format=torch.channels_last)
+    return model
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def interleaved_medians(fns: dict, threads: int, min_time: float, rounds: int) -> dict[str, float]:
+    """Median seconds per call of each function, measured in alternating rounds, so that a load
+    change on a shared machine affects every function alike."""
+    from torch.utils.benchmark import Timer
+
+    for fn in fns.values():
+        fn()
+        fn()  # warm-up: allocator, kernel selection
+    timers = {name: Timer("fn()", globals={"fn": fn}, num_threads=threads) for name, fn in fns.items()}
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            samples[name] += timer.blocked_autorange(min_run_time=min_time / rounds).times
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def tokens(args, model):
+    """(input_ids, attention_mask) of the ``--expr`` expressions, or of one random expression
+    of ``--text-len`` tokens."""
+    if args.expr:
+        from lads.models.text import load_tokenizer
+
+        tok = load_tokenizer(model.config.text.name)(
+            args.expr, padding=True, truncation=True, max_length=model.config.text.max_tokens, return_tensors="pt"
+        )
+        return tok["input_ids"].to(args.device), tok["attention_mask"].to(args.device)
+    input_ids = torch.randint(1000, 2000, (1, args.text_len), generator=torch.Generator().manual_seed(args.seed))
+    return input_ids.to(args.device), torch.ones_like(input_ids, device=args.device)
+
+
+def gate_patterns(args, model, input_ids, attention_mask):
+    """(label, keep rate or open fraction, Gates of one expression) for each pattern."""
+    from lads.models.subnet import random_gates
+
+    if args.expr:
+        if model.gating is None:
+            raise LadsError("--expr needs a LADS model with a gating network (this one is dense)")
+        gates = model.gates(*model.encode_text(input_ids, attention_mask))[0].map(lambda g: g.float().cpu())
+        for i, expr in enumerate(args.expr):
+            one = gates.map(lambda g: g[i:i + 1])
+            yield expr, float(torch.cat((one.layer, one.filter), 1).mean()), one
+        return
+    g = torch.Generator().manual_seed(args.seed)
+    for keep in args.keep:
+        if not 0 <= keep <= 1:
+            raise LadsError(f"--keep: rates must lie in [0, 1], got {keep}")
+        for j in range(args.patterns):
+            yield f"keep {keep:g} #{j}", keep, random_gates(model.layout, keep, generator=g)
+
+
+def images(args, model, batch: int):
+    """Random images (batch, 3, S, S) and an all-valid pad mask."""
+    size = args.image_size or model.config.image_size
+    x = torch.randn(batch, 3, size, size, device=args.device, dtype=DTYPES[args.dtype])
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, torch.zeros(batch, size, size, dtype=torch.bool, device=args.device)
+
+
+def measure(args, model) -> dict:
+    """Every pattern at every batch size: ``batch`` images, one expression (the first ``--expr``
+    or the random one) repeated, so that the subnet runs one forward per batch."""
+    from lads.util.flops import count_flops
+
+    rows, text_rows = [], []
+    all_ids, all_mask = tokens(args, model)
+    patterns = list(gate_patterns(args, model, all_ids, all_mask))
+    for batch in args.batch:
+        image, pixel_mask = images(args, model, batch)
+        input_ids, attention_mask = all_ids[:1].expand(batch, -1), all_mask[:1].expand(batch, -1)
+        text, text_mask = model.encode_text(input_ids, attention_mask)
+        size = image.shape[-1]
+
+        def text_cost():
+            t, m = model.encode_text(input_ids, attention_mask)
+            if model.gating is not None:
+                model.gates(t, m)
+
+        def timed(**fns):
+            return interleaved_medians(fns, args.threads, args.min_time, args.rounds)
+
+        text_rows.append({"batch": batch, "ms_per_expr": 1e3 * timed(text=text_cost)["text"] / batch,
+                          "gflops_per_expr": count_flops(text_cost) / batch / 1e9})
+        dense_flops = count_flops(model.ground, image, pixel_mask, text, text_mask, None)
+        batch_rows, dense_times = [], []
+        for label, keep, gates in patterns:
+            gates = gates.map(lambda g: g.to(args.device, DTYPES[args.dtype]))
+            batch_gates = gates.map(lambda g: g.expand(batch, -1))
+            start = time.perf_counter()
+            subnet = model.extract_subnet(gates, fold_bn=args.fold_bn)
+            if args.channels_last:
+                subnet.to(memory_format=torch.channels_last)
+            extract_s = time.perf_counter() - start
+            flops = count_flops(subnet, image, pixel_mask, text, text_mask)
+            analytic = subnet.analytic_flops(batch, size, size, text.shape[1])["total"]
+            if flops != analytic:
+                raise LadsError(f"FLOPs measured ({flops}) and analytic ({analytic}) differ for {label}")
+            t = timed(
+                dense=lambda: model.ground(image, pixel_mask, text, text_mask, None),
+                masked=lambda: model.ground(image, pixel_mask, text, text_mask, batch_gates),
+                subnet=lambda: subnet(image, pixel_mask, text, text_mask),
+            )
+            dense_times.append(t["dense"])
+            batch_rows.append(_row("masked", label, keep, batch, t["masked"], dense_flops, t["dense"], dense_flops))
+            row = _row("subnet", label, keep, batch, t["subnet"], flops, t["dense"], dense_flops)
+            row.update(extract_ms=1e3 * extract_s, blocks=len(subnet.blocks), sublayers=len(subnet.sublayers))
+            batch_rows.append(row)
+            print(f"batch {batch} {label}: dense {1e3 * t['dense'] / batch:.1f}, subnet {row['ms_per_expr']:.1f} "
+                  f"ms/expr, speedup {row['speedup']:.2f}x for a FLOPs ratio {row['flops_ratio']:.2f} "
+                  f"({100 * row['efficiency']:.0f} %)", flush=True)
+        dense_s = statistics.median(dense_times)
+        rows += [_row("dense", "all open", 1.0, batch, dense_s, dense_flops, dense_s, dense_flops), *batch_rows]
+    return {"rows": rows, "text": text_rows}
+
+
+def _row(mode, label, keep, batch, seconds, flops, dense_s, dense_flops) -> dict:
+    speedup, ratio = dense_s / seconds, dense_flops / flops
+    return {"mode": mode, "pattern": label, "keep": keep, "batch": batch, "ms_per_expr": 1e3 * seconds / batch,
+            "gflops_per_expr": flops / batch / 1e9, "speedup": speedup, "flops_ratio": ratio,
+            "efficiency": speedup / ratio}
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def markdown(meta: dict, result: dict) -> str:
+    lines = [
+        f"# lads bench: {meta['config']}, {meta['image_size']} px, {meta['dtype']}, {meta['device']}",
+        "",
+        f"Device: {meta['device_name']} ({meta['device']}), dtype {meta['dtype']}, {meta['threads']} threads, "
+        f"torch {meta['torch']}, fold_bn={meta['fold_bn']}, channels_last={meta['channels_last']}, "
+        f"text length {meta['text_len']}. Timed: visual backbone + fusion + head (median, per expression).",
+        "",
+        "| batch | mode | pattern | ms / expr | GFLOPs / expr | speedup | FLOPs ratio | speedup / ratio | extract ms |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        extract = f"{r['extract_ms']:.0f}" if "extract_ms" in r else ""
+        lines.append(
+            f"| {r['batch']} | {r['mode']} | {r['pattern']} | {r['ms_per_expr']:.1f} | {r['gflops_per_expr']:.2f} | "
+            f"{r['speedup']:.2f} | {r['flops_ratio']:.2f} | {100 * r['efficiency']:.0f} % | {extract} |"
+        )
+    lines += ["", "Shared cost, every mode (text backbone + gating network):", ""]
+    lines += [f"- batch {t['batch']}: {t['ms_per_expr']:.1f} ms / expr, {t['gflops_per_expr']:.2f} GFLOPs / expr"
+              for t in result["text"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    top = max(r["flops_ratio"] for r in result["rows"]) * 1.1
+    ax.plot([1, top], [1, top], "k--", lw=1, label="speedup = FLOPs ratio")
+    ax.plot([1, top], [1, 0.9 * top], "k:", lw=1, label="90 % of the FLOPs ratio")
+    for mode, marker in (("masked", "x"), ("subnet", "o")):
+        for batch in sorted({r["batch"] for r in result["rows"]}):
+            pts = [r for r in result["rows"] if r["mode"] == mode and r["batch"] == batch]
+            ax.scatter([r["flops_ratio"] for r in pts], [r["speedup"] for r in pts], marker=marker,
+                       label=f"{mode}, batch {batch}")
+    ax.set_xlabel("FLOPs ratio dense / subnet")
+    ax.set_ylabel("speedup over dense")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args):
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise LadsError("--device cuda: no CUDA device here")
+    if args.threads < 1:
+        raise LadsError(f"--threads must be at least 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():
+        model = build(args, Path(workdir))
+        result = measure(args, model)
+    meta = {
+        "config": args.checkpoint or args.config, "device": args.device, "device_name": device_name(args.device),
+        "dtype": args.dtype, "threads": args.threads, "torch": torch.__version__, "fold_bn": args.fold_bn,
+        "channels_last": args.channels_last, "image_size": args.image_size or model.config.image_size,
+        "text_len": "tokenised" if args.expr else args.text_len,
+    }
+    (out / "bench.json").write_text(json.dumps({"meta": meta, **result}, indent=2))
+    table = markdown(meta, result)
+    (out / "bench.md").write_text(table)
+    plot(result, out / "speedup.png")
+    print(table)
+    print(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'speedup.png'}")

@@ -1,0 +1,141 @@
+"""Inference for a batch of expressions with real subnets (DESIGN.md §3).
+
+:class:`SubnetRunner` runs the text backbone and the gating network first (hard gates, eval),
+then grounds every expression in one of three modes:
+
+- ``dense``: the supernet with every gate open (the TransVG-style static network);
+- ``masked``: the supernet with the gates multiplied in (what training computes);
+- ``subnet``: extracted subnets; expressions with identical gate patterns share one subnet and
+  one forward, recently extracted subnets are kept in an LRU cache keyed by the gate bits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from lads.errors import LadsError
+from lads.models.gating import Gates
+from lads.models.lads import check_inputs
+from lads.models.subnet import Subnet, extract_subnet
+
+MODES = ("dense", "masked", "subnet")
+
+
+def gate_key(gates: Gates, row: int) -> bytes:
+    """The cache key of one expression's hard gates: its packed layer and filter bits."""
+    bits = torch.cat((gates.layer[row], gates.filter[row])).bool().cpu().numpy()
+    return np.packbits(bits).tobytes()
+
+
+def group_by_pattern(gates: Gates) -> dict[bytes, list[int]]:
+    """Rows with identical gate patterns, in order of first appearance."""
+    groups: dict[bytes, list[int]] = {}
+    for row in range(len(gates)):
+        groups.setdefault(gate_key(gates, row), []).append(row)
+    return groups
+
+
+class SubnetRunner:
+    """Ground a batch of expressions with dense, masked or extracted networks.
+
+    ``SubnetRunner(model, cache_size=32, fold_bn=False)``; ``model`` must be in eval mode.
+    ``cache_size`` subnets are kept (least recently used evicted; 0: none kept). The cache holds
+    copies of the weights: call :meth:`clear` after the model's weights change.
+
+    ``runner(images, pixel_mask, input_ids, attention_mask, mode="subnet")`` with
+    ``images`` (B, 3, H, W) float, ``pixel_mask`` (B, H, W) bool (True = padding),
+    ``input_ids`` (B, L) long, ``attention_mask`` (B, L); row i is expression i on image i.
+    Returns a dict:
+
+    - ``boxes``: (B, 4) normalised (cx, cy, w, h), in input order;
+    - ``gates``: the hard ``Gates`` applied (all ones in ``dense`` mode or for a dense model);
+    - ``times``: seconds, ``text`` (text backbone + gating), ``extract`` (subnet extraction,
+      0 on cache hits), ``forward`` (visual backbone + fusion + head), ``total``;
+    - ``groups``: lists of row indices run together (one forward each);
+    - ``cache``: ``{"hits": n, "misses": n}`` for this call.
+    """
+
+    def __init__(self, model, cache_size: int = 32, fold_bn: bool = False):
+        if cache_size < 0:
+            raise LadsError(f"cache_size must be >= 0, got {cache_size}")
+        self.model = model
+        self.cache_size = cache_size
+        self.fold_bn = fold_bn
+        self.cache: OrderedDict[bytes, Subnet] = OrderedDict()
+
+    def clear(self):
+        self.cache.clear()
+
+    def subnet(self, key: bytes, gates: Gates) -> tuple[Subnet, bool]:
+        """The cached subnet for ``key``, or a freshly extracted one; and whether it was cached."""
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key], True
+        subnet = extract_subnet(self.model, gates, self.fold_bn)
+        if self.cache_size:
+            self.cache[key] = subnet
+            while len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+        return subnet, False
+
+    @torch.inference_mode()
+    def __call__(self, images, pixel_mask, input_ids, attention_mask, mode: str = "subnet") -> dict:
+        model = self.model
+        if mode not in MODES:
+            raise LadsError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if model.training:
+            raise LadsError("SubnetRunner: the model is in training mode; call model.eval() first")
+        check_inputs(images, pixel_mask, input_ids, attention_mask)
+        clock = _Clock(images.device)
+
+        text, text_mask = model.encode_text(input_ids, attention_mask)
+        if model.gating is None or mode == "dense":
+            gates = Gates(
+                images.new_ones(len(images), model.layout.num_layer_gates),
+                images.new_ones(len(images), model.layout.num_filter_gates),
+            )
+        else:
+            gates = model.gates(text, text_mask)[0]
+        times = {"text": clock.lap(), "extract": 0.0, "forward": 0.0}
+
+        hits = misses = 0
+        if mode == "subnet":
+            groups = group_by_pattern(gates)
+            boxes = images.new_empty(len(images), 4)
+            for key, rows in groups.items():
+                subnet, hit = self.subnet(key, gates.map(lambda g: g[rows[:1]]))
+                hits, misses = hits + hit, misses + (not hit)
+                times["extract"] += clock.lap()
+                idx = torch.tensor(rows, device=images.device)
+                boxes[idx] = subnet(images[idx], pixel_mask[idx], text[idx], text_mask[idx])
+                times["forward"] += clock.lap()
+            groups = list(groups.values())
+        else:
+            boxes = model.ground(images, pixel_mask, text, text_mask, None if mode == "dense" else gates)
+            times["forward"] = clock.lap()
+            groups = [list(range(len(images)))]
+        times["total"] = sum(times.values())
+        return {"boxes": boxes, "gates": gates, "times": times, "groups": groups,
+                "cache": {"hits": hits, "misses": misses}}
+
+
+class _Clock:
+    """Seconds between calls, with the device synchronised (GPU kernels run asynchronously)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.last = self._now()
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self) -> float:
+        now = self._now()
+        elapsed, self.last = now - self.last, now
+        return elapsed

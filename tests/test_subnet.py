@@ -1,0 +1,243 @@
+"""Real subnets (DESIGN.md §3): extraction equals the masked supernet, FLOPs, grouping runner."""
+
+import shutil
+
+import pytest
+import torch
+
+from lads.errors import LadsError
+from lads.inference import SubnetRunner
+from lads.models import Gates, build_model
+from lads.models.backbone import FrozenBatchNorm2d
+from lads.models.subnet import extract_subnet, random_gates
+from lads.models.text import resolve_text_model
+from lads.util.flops import count_flops
+
+SIZE = {"tiny": 96, "lads-r50": 64}
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    """A tiny random BERT (hidden 32, 2 layers), MiniLM's vocabulary."""
+    from transformers import BertConfig
+
+    path = tmp_path_factory.mktemp("bert")
+    BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64).save_pretrained(path)
+    shutil.copy(f"{resolve_text_model('minilm-l6')}/vocab.txt", path)
+    return str(path)
+
+
+def randomize_norms(model, seed=0):
+    """Non-trivial batch-norm statistics, so that a closed branch's bn3 shift is not 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.visual_backbone.modules():
+            if isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)):
+                n = m.running_mean.numel()
+                m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.25)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+
+
+_MODELS = {}
+
+
+@pytest.fixture(scope="module")
+def make_model(bert_dir):
+    def make(preset="tiny", norm=None, extra=()):
+        key = (preset, norm, tuple(extra))
+        if key not in _MODELS:
+            torch.manual_seed(0)
+            overrides = [f"model.text.name={bert_dir}", "model.text.pretrained=false", "model.text.num_layers=2", *extra]
+            if norm:
+                overrides.append(f"model.visual.norm={norm}")
+            model = build_model(preset, overrides)
+            randomize_norms(model)
+            _MODELS[key] = model.eval()
+        return _MODELS[key]
+
+    return make
+
+
+def inputs(model, batch=2, length=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    size = SIZE["tiny" if model.config.visual.width < 64 else "lads-r50"]
+    images = torch.randn(batch, 3, size, size, generator=g)
+    pixel_mask = torch.zeros(batch, size, size, dtype=torch.bool)
+    pixel_mask[-1, :, size * 3 // 4:] = True  # letterbox padding
+    input_ids = torch.randint(1000, 5000, (batch, length), generator=g)
+    attention_mask = torch.ones(batch, length, dtype=torch.long)
+    attention_mask[-1, length - 2:] = 0
+    return images, pixel_mask, input_ids, attention_mask
+
+
+def patterns(layout):
+    """All open, all closed, one filter per block, random at several keep rates, a block with
+    every filter closed but its layer gate open."""
+    ones = Gates(torch.ones(1, layout.num_layer_gates), torch.ones(1, layout.num_filter_gates))
+    single = ones.map(torch.zeros_like)
+    single.layer.fill_(1)
+    for s in layout.filter_slices:
+        single.filter[0, s.start + s.stop // 7 % (s.stop - s.start)] = 1
+    empty_blocks = random_gates(layout, 0.6, generator=torch.Generator().manual_seed(3))
+    empty_blocks.layer.fill_(1)
+    for i in (0, 1, 7):  # layer1.0 (projection), layer1.1 (identity), layer3.0 (projection)
+        empty_blocks.filter[0, layout.filter_slices[i]] = 0
+    yield "open", ones
+    yield "closed", ones.map(torch.zeros_like)
+    yield "single-filter", single
+    yield "empty-blocks", empty_blocks
+    for keep in (0.25, 0.5, 0.75):
+        yield f"keep{keep}", random_gates(layout, keep, generator=torch.Generator().manual_seed(int(keep * 100)))
+
+
+def check_structure(model, subnet, gates):
+    """What is absent from the subnet: closed bottlenecks, closed sublayers, closed filters."""
+    layer_gates, filter_gates, fusion_gates = model.layout.split(gates)
+    names = [n for (n, _), g in zip(model.visual_backbone.blocks(), layer_gates) if g is None or g[0] == 1]
+    assert subnet.block_names == names
+    assert len(subnet.blocks) == 4 + int(gates.layer[0, : 12].sum())
+    open_filters = [int(f.sum()) for f, (n, _) in zip(filter_gates, model.visual_backbone.blocks()) if n in names]
+    assert [b.filters for b in subnet.blocks] == open_filters
+    for block, n in zip(subnet.blocks, open_filters):
+        convs = [m for m in block.branch or [] if isinstance(m, torch.nn.Conv2d)]
+        assert [c.out_channels for c in convs[1:2]] + [c.in_channels for c in convs[2:]] == ([n, n] if n else [])
+    assert len(subnet.sublayers) == int(sum(g[0] for g in fusion_gates))
+    assert sum(1 for _ in subnet.modules() if isinstance(_, torch.nn.MultiheadAttention)) == sum(
+        1 for name in subnet.sublayer_names if name.endswith("attn")
+    )
+
+
+CASES = [("tiny", "batch"), ("tiny", "frozen"), ("lads-r50", "frozen"), ("lads-r50", "batch")]
+
+
+@pytest.mark.parametrize("fold_bn", [False, True], ids=["bn", "folded"])
+@pytest.mark.parametrize("preset,norm", CASES)
+def test_subnet_equals_masked_supernet(make_model, preset, norm, fold_bn):
+    model = make_model(preset, norm)
+    images, pixel_mask, input_ids, attention_mask = inputs(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        text, text_mask = model.encode_text(input_ids, attention_mask)
+        dense = model.ground(images, pixel_mask, text, text_mask, None)
+        for name, gates in patterns(model.layout):
+            masked = model.ground(images, pixel_mask, text, text_mask, gates.map(lambda g: g.expand(2, -1)))
+            subnet = model.extract_subnet(gates, fold_bn=fold_bn)
+            check_structure(model, subnet, gates)
+            boxes = subnet(images, pixel_mask, text, text_mask)
+            torch.testing.assert_close(boxes, masked, atol=ATOL, rtol=0, msg=f"pattern {name}")
+            if name != "open":  # the comparison is informative: the gates change the boxes
+                assert (masked - dense).abs().max() > 1e-4, name
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"extraction changed the supernet's {k}"
+
+
+def test_folded_subnet_has_no_norms(make_model):
+    model = make_model("tiny")
+    gates = random_gates(model.layout, 0.5, generator=torch.Generator().manual_seed(0))
+    folded = extract_subnet(model, gates, fold_bn=True)
+    assert not any(isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)) for m in folded.modules())
+    assert not any(p.requires_grad for p in folded.parameters())
+    with pytest.raises(LadsError, match="inference only"):
+        folded.train()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "lads-r50"])
+def test_flops_measured_equal_analytic_and_fall_with_keep_rate(make_model, preset):
+    model = make_model(preset)
+    images, pixel_mask, input_ids, attention_mask = inputs(model)
+    b, _, h, w = images.shape
+    with torch.no_grad():
+        text, text_mask = model.encode_text(input_ids, attention_mask)
+    args = (images, pixel_mask, text, text_mask)
+
+    def flops(gates):
+        subnet = extract_subnet(model, gates)
+        measured = count_flops(subnet, *args)
+        assert measured == subnet.analytic_flops(b, h, w, text.shape[1])["total"]
+        return measured
+
+    all_open = flops(Gates(torch.ones(1, model.layout.num_layer_gates), torch.ones(1, model.layout.num_filter_gates)))
+    assert all_open == count_flops(model.ground, *args, None)  # the all-open subnet is the dense network
+    counts = [flops(random_gates(model.layout, keep, generator=torch.Generator().manual_seed(1)))
+              for keep in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    assert counts == sorted(counts) and len(set(counts)) == len(counts), counts
+    assert counts[-1] == all_open
+
+
+def test_runner_groups_caches_and_matches_masked(make_model):
+    model = make_model("tiny", extra=("model.gating.bias_init=0.0",))
+    images, pixel_mask, input_ids, attention_mask = inputs(model, batch=6, seed=1)
+    input_ids[3] = input_ids[0]  # rows 0 and 3: the same expression (on different images)
+    attention_mask[3] = attention_mask[0]
+    runner = SubnetRunner(model, cache_size=8)
+    out = runner(images, pixel_mask, input_ids, attention_mask, mode="subnet")
+    gates = out["gates"]
+    assert len({bytes(torch.cat((gates.layer[i], gates.filter[i])).bool().numpy()) for i in range(6)}) == 5
+    assert sorted(map(sorted, out["groups"])) == [[0, 3], [1], [2], [4], [5]]
+    assert out["cache"] == {"hits": 0, "misses": 5}
+    assert out["times"]["extract"] > 0 and out["times"]["forward"] > 0
+
+    masked = runner(images, pixel_mask, input_ids, attention_mask, mode="masked")
+    torch.testing.assert_close(out["boxes"], masked["boxes"], atol=ATOL, rtol=0)
+    with torch.no_grad():
+        text, text_mask = model.encode_text(input_ids, attention_mask)
+        for i in range(6):
+            one = extract_subnet(model, gates.map(lambda g: g[i]))(images[i:i + 1], pixel_mask[i:i + 1], text[i:i + 1], text_mask[i:i + 1])
+            torch.testing.assert_close(out["boxes"][i:i + 1], one, atol=ATOL, rtol=0)
+
+    again = runner(images[:4], pixel_mask[:4], input_ids[:4], attention_mask[:4])
+    assert again["cache"] == {"hits": 3, "misses": 0} and again["times"]["extract"] < out["times"]["extract"]
+    torch.testing.assert_close(again["boxes"], out["boxes"][:4], atol=ATOL, rtol=0)
+
+    dense = runner(images, pixel_mask, input_ids, attention_mask, mode="dense")
+    assert bool(dense["gates"].filter.all()) and not torch.allclose(dense["boxes"], out["boxes"])
+
+    small = SubnetRunner(model, cache_size=2)
+    small(images, pixel_mask, input_ids, attention_mask)
+    assert len(small.cache) == 2
+
+
+def test_bad_gates_and_modes_refused(make_model):
+    model = make_model("tiny")
+    n_layer, n_filter = model.layout.num_layer_gates, model.layout.num_filter_gates
+    with pytest.raises(LadsError, match=rf"gates.layer: expected shape \(1, {n_layer}\)"):
+        extract_subnet(model, Gates(torch.ones(1, 23), torch.ones(1, n_filter)))
+    with pytest.raises(LadsError, match="gates.filter: expected shape"):
+        extract_subnet(model, Gates(torch.ones(1, n_layer), torch.ones(2, n_filter)))
+    with pytest.raises(LadsError, match="must be 0 or 1"):
+        extract_subnet(model, Gates(torch.ones(1, n_layer), torch.full((1, n_filter), 0.5)))
+    with pytest.raises(LadsError, match="expected a Gates"):
+        extract_subnet(model, torch.ones(1, n_layer))
+    runner = SubnetRunner(model)
+    with pytest.raises(LadsError, match="mode must be one of"):
+        runner(*inputs(model), mode="fast")
+    model.train()
+    try:
+        with pytest.raises(LadsError, match="training mode"):
+            extract_subnet(model, Gates(torch.ones(1, n_layer), torch.ones(1, n_filter)))
+    finally:
+        model.eval()
+
+
+def test_block_with_every_filter_closed_runs(make_model):
+    """Projection block: relu(downsample(x) + bn3 shift); identity block: relu(x + bn3 shift)."""
+    model = make_model("lads-r50", "frozen")
+    images, pixel_mask, input_ids, attention_mask = inputs(model, batch=1)
+    layout = model.layout
+    gates = Gates(torch.ones(1, layout.num_layer_gates), torch.ones(1, layout.num_filter_gates))
+    for i in (0, 1, 3):  # layer1.0, layer1.1, layer2.0
+        gates.filter[0, layout.filter_slices[i]] = 0
+    subnet = extract_subnet(model, gates)
+    assert [b.branch is None for b in subnet.blocks[:4]] == [True, True, False, True]
+    with torch.no_grad():
+        text, text_mask = model.encode_text(input_ids, attention_mask)
+        torch.testing.assert_close(
+            subnet(images, pixel_mask, text, text_mask), model.ground(images, pixel_mask, text, text_mask, gates),
+            atol=ATOL, rtol=0,
+        )
+        x = torch.rand(1, 256, 8, 8)
+        block = model.visual_backbone.layer1[1]
+        torch.testing.assert_close(subnet.blocks[1](x), torch.relu(x + block.bn3.scale_shift()[1][None, :, None, None]))
