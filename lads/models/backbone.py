@@ -103,7 +103,9 @@ class VisualBackbone(nn.Module):
             downsample = nn.Sequential(
                 nn.Conv2d(inplanes, planes * 4, 1, stride=stride, bias=False), norm_layer(planes * 4)
             )
-            blocks = [Bottleneck(inplanes, planes, stride, dil, downsample, norm_layer)]
+            # torchvision's replace_stride_with_dilation (DETR's DC5): the first block keeps the
+            # previous dilation (1), the following blocks of the stage use the new one
+            blocks = [Bottleneck(inplanes, planes, stride, 1, downsample, norm_layer)]
             inplanes = planes * 4
             blocks += [Bottleneck(inplanes, planes, 1, dil, None, norm_layer) for _ in range(num_blocks - 1)]
             setattr(self, f"layer{stage + 1}", nn.Sequential(*blocks))

@@ -131,7 +131,9 @@ def binary_gates(relevance: torch.Tensor, training: bool, granularity: str = "ba
     u = torch.rand_like(relevance).clamp_(1e-6, 1 - 1e-6)
     noisy = relevance + torch.log(u) - torch.log1p(-u)
     soft = torch.sigmoid(noisy)
-    hard = (noisy >= 0).to(soft.dtype) + soft - soft.detach()
+    # straight-through: the value is exactly 0/1 (soft - soft.detach() is exactly 0), the
+    # gradient is the soft gate's; (hard + soft) - soft would round 1 to 0.99999994
+    hard = (noisy >= 0).to(soft.dtype) + (soft - soft.detach())
     if granularity == "batch":
         use_soft = torch.rand((), device=relevance.device) >= 0.5
     elif granularity == "element":

@@ -1,0 +1,132 @@
+"""Binary gates (Eqs. 4-5) and the gating network (Eqs. 1-3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_batch
+from lads.models import Gates
+from lads.models.gating import binary_gates
+
+
+def is_hard(g: torch.Tensor) -> torch.Tensor:
+    return (g == 0) | (g == 1)
+
+
+def test_training_gates_are_noisy(tiny_model):
+    """Training: the same expressions get different gates from call to call (logistic noise)."""
+    model = tiny_model
+    _, _, ids, mask = make_batch(batch=4)
+    text, text_mask = model.encode_text(ids, mask)
+    model.train()
+    torch.manual_seed(0)
+    try:
+        draws = [model.gates(text, text_mask) for _ in range(2)]
+    finally:
+        model.eval()
+    (g1, s1, r1, _), (g2, s2, r2, _) = draws
+    assert torch.equal(r1.filter, r2.filter)  # same relevance scores ...
+    assert not torch.equal(s1.filter, s2.filter)  # ... different noise
+
+
+def test_per_batch_granularity_mixes_soft_and_hard_batches():
+    """Per batch: each call is wholly hard (exactly 0/1) or wholly soft, and both occur."""
+    torch.manual_seed(0)
+    r = torch.randn(8, 50)
+    kinds = []
+    for _ in range(40):
+        g, soft = binary_gates(r, training=True, granularity="batch")
+        hard = is_hard(g)
+        assert hard.all() or not hard.any()
+        if hard.all():
+            assert torch.equal(g, (soft >= 0.5).float())  # hard gate = 1[r̂ ≥ 0]
+        else:
+            assert torch.equal(g, soft)
+        kinds.append(bool(hard.all()))
+    assert 8 <= sum(kinds) <= 32  # p = 0.5: both kinds, in plausible numbers
+
+
+def test_per_element_granularity_mixes_inside_one_batch():
+    """Per element: one batch holds about half exact 0/1 gates and half fractional gates."""
+    torch.manual_seed(1)
+    g, soft = binary_gates(torch.randn(16, 200), training=True, granularity="element")
+    hard = is_hard(g)
+    assert 0.4 < hard.float().mean() < 0.6
+    assert torch.equal(g[~hard], soft[~hard])
+
+
+def test_model_granularity_option(make_tiny):
+    """``model.gating.granularity=element`` reaches the gates; an unknown value is refused."""
+    from lads.errors import LadsError
+
+    model = make_tiny("model.gating.granularity=element").train()
+    _, _, ids, mask = make_batch(batch=4)
+    torch.manual_seed(0)
+    gates = model(*make_batch(batch=4))["gates"]
+    hard = is_hard(gates.filter)
+    assert hard.any() and not hard.all()
+    with pytest.raises(LadsError, match="granularity"):
+        make_tiny("model.gating.granularity=token")
+
+
+def test_eval_gates_are_hard_and_deterministic(tiny_model):
+    """Eval: no noise, exactly 0/1, 1[r ≥ 0], identical across calls."""
+    _, _, ids, mask = make_batch(batch=4, seed=3)
+    with torch.no_grad():
+        text, text_mask = tiny_model.encode_text(ids, mask)
+        (g1, s1, r1, alpha), (g2, *_) = tiny_model.gates(text, text_mask), tiny_model.gates(text, text_mask)
+    for a, b, r in [(g1.layer, g2.layer, r1.layer), (g1.filter, g2.filter, r1.filter)]:
+        assert is_hard(a).all() and torch.equal(a, b)
+        assert torch.equal(a, (r >= 0).float())
+    assert torch.allclose(s1.filter, torch.sigmoid(r1.filter))
+    # α is a softmax over the valid tokens only
+    assert torch.allclose(alpha.sum(-1), torch.ones_like(alpha[..., 0]))
+    assert (alpha.masked_select(~mask.bool()[:, None, :].expand_as(alpha)) == 0).all()
+
+
+def test_gates_start_mostly_open(tiny_model):
+    """bias_init = 3: at initialisation most gates are open."""
+    with torch.no_grad():
+        gates = tiny_model(*make_batch(batch=4))["gates"]
+    assert gates.layer.mean() > 0.8 and gates.filter.mean() > 0.8
+
+
+def test_straight_through_gradient_of_hard_gate_equals_soft_gate():
+    """∂(w·g_h)/∂r equals ∂(w·g_s)/∂r for the same noise, and is not zero."""
+    r = torch.randn(4, 30, requires_grad=True)
+    w = torch.randn(4, 30)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        g, soft = binary_gates(r, training=True, granularity="batch")
+        if is_hard(g).all():
+            break
+    else:
+        pytest.fail("no hard batch in 20 draws")
+    (grad_hard,) = torch.autograd.grad((w * g).sum(), r, retain_graph=True)
+    (grad_soft,) = torch.autograd.grad((w * soft).sum(), r)
+    assert torch.equal(grad_hard, grad_soft)
+    assert grad_hard.abs().sum() > 0
+
+
+def test_box_loss_reaches_gating_network_through_hard_gates(make_tiny):
+    """Training with hard gates, L1 + GIoU alone (no MI term) gives the gating weights a gradient."""
+    model = make_tiny().train()
+    batch = make_batch(batch=2)
+    for seed in range(30):
+        torch.manual_seed(seed)
+        out = model(*batch)
+        if is_hard(out["gates"].layer).all() and is_hard(out["gates"].filter).all():
+            break
+    else:
+        pytest.fail("no all-hard draw in 30 tries")
+    terms = model.loss(out, torch.tensor([[0.4, 0.5, 0.2, 0.3]] * 2))
+    (terms["l1"] + terms["giou"]).backward()
+    for name in ("w1", "w2", "w3", "embedding"):
+        grad = getattr(model.gating, name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_gates_map_and_len():
+    gates = Gates(torch.zeros(3, 2), torch.ones(3, 5))
+    assert len(gates) == 3 and torch.equal(gates.map(lambda t: t + 1).filter, torch.full((3, 5), 2.0))
