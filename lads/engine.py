@@ -172,8 +172,9 @@ class MetricLog:
             self.tb.close()
 
 
-def train(cfg: Config, resume: str | None = None) -> Path:
-    """Train ``cfg``; returns the checkpoint folder. ``resume``: a checkpoint or run folder."""
+def train(cfg: Config, resume: str | None = None, model=None) -> Path:
+    """Train ``cfg``; returns the checkpoint folder. ``resume``: a checkpoint or run folder;
+    ``model``: a model built from ``cfg.model`` to train in place (default: a new one)."""
     from lads.models import LADS
     from lads.models.text import load_tokenizer
 
@@ -190,7 +191,7 @@ def train(cfg: Config, resume: str | None = None) -> Path:
         )
     accumulation = t.batch_size // (world * t.micro_batch)
     torch.manual_seed(t.seed)
-    model = LADS(cfg.model).to(device)
+    model = (model or LADS(cfg.model)).to(device)
     tokenizer = load_tokenizer(cfg.model.text.name)
     dataset = SeededSamples(load_split(cfg, cfg.data.train_split, True, tokenizer), t.seed)
     steps_per_epoch = len(dataset) // t.batch_size
@@ -353,7 +354,7 @@ def evaluate(model, dataset, batch_size: int = 32, mode: str = "subnet", num_wor
     (every rank takes indices ``rank::world``; results are gathered by index, no padding)."""
     from lads.datasets.dataset import collate
     from lads.datasets.transforms import box_to_original
-    from lads.models.subnet import SubnetRunner
+    from lads.inference import SubnetRunner
     from lads.util.box_ops import box_iou, cxcywh_to_xyxy
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -371,7 +372,7 @@ def evaluate(model, dataset, batch_size: int = 32, mode: str = "subnet", num_wor
         batch = to_device(batch, device)
         result = runner(batch["image"], batch["pixel_mask"], batch["input_ids"], batch["attention_mask"], mode=mode)
         seconds += result["times"]["total"]
-        extraction += result["times"].get("extraction", 0.0)
+        extraction += result["times"]["extract"]
         for j, meta in enumerate(batch["meta"]):
             pred = box_to_original(result["boxes"][j].float().cpu(), meta)
             truth = torch.tensor(meta["record"].box, dtype=torch.float32)

@@ -41,7 +41,7 @@ def predict(model, image, expressions: list[str] | str, mode: str = "subnet", to
     ``image``: a path or a PIL image (EXIF orientation honoured).
     """
     from lads.datasets.transforms import box_to_original, eval_transform
-    from lads.models.subnet import SubnetRunner
+    from lads.inference import SubnetRunner
     from lads.models.text import load_tokenizer
 
     expressions = [expressions] if isinstance(expressions, str) else list(expressions)
@@ -54,7 +54,9 @@ def predict(model, image, expressions: list[str] | str, mode: str = "subnet", to
     device = next(model.parameters()).device
     n = len(expressions)
     model.eval()
-    result = SubnetRunner(model)(
+    if getattr(model, "_runner", None) is None:  # keeps its cache of subnets between calls
+        model._runner = SubnetRunner(model)
+    result = model._runner(
         tensor[None].expand(n, -1, -1, -1).to(device), pixel_mask[None].expand(n, -1, -1).to(device),
         tokens["input_ids"].to(device), tokens["attention_mask"].to(device), mode=mode,
     )

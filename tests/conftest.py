@@ -76,3 +76,44 @@ def make_batch(batch: int = 2, size: int = 64, length: int = 7, seed: int = 0, v
 @pytest.fixture
 def batch():
     return make_batch()
+
+
+@pytest.fixture(scope="session")
+def tiny_text_dir(tmp_path_factory) -> str:
+    """A random 2-layer, 32-wide BERT with the real bert-base-uncased vocabulary and tokenizer
+    (copied from the MiniLM shipped in a Python package): what the engine tests train."""
+    import shutil
+
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    from lads.models.text import resolve_text_model
+
+    path = tmp_path_factory.mktemp("tiny-text")
+    shutil.copy(os.path.join(resolve_text_model("minilm-l6"), "vocab.txt"), path / "vocab.txt")
+    BertTokenizer(str(path / "vocab.txt")).save_pretrained(path)
+    torch.manual_seed(4321)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=30522, max_position_embeddings=64)
+    BertModel(config, add_pooling_layer=False).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> str:
+    """A small synthetic benchmark (real PNG files, REFER format) at 64 px."""
+    from lads.datasets import synth
+
+    path = tmp_path_factory.mktemp("synth") / "data"
+    synth.generate(path, seed=3, images=10, size=64, progress=False)
+    return str(path)
+
+
+def engine_overrides(text_dir: str, data: str, out) -> list[str]:
+    """A config small enough to train in seconds on 2 CPU cores."""
+    return [
+        f"model.text.name={text_dir}", "model.text.num_layers=2", "model.image_size=64",
+        "model.visual.width=8", "model.fusion.d_model=32", "model.fusion.num_heads=2",
+        "model.fusion.ffn_dim=64", "model.fusion.num_layers=2", "model.gating.hidden=8",
+        f"data.path={data}", "data.num_workers=0", f"train.out={out}", "train.log_every=1",
+        "train.warmup_epochs=0", "train.lr=1e-3", "train.lr_visual=1e-3",
+    ]
