@@ -18,6 +18,7 @@ COMMANDS = {
     "train": ("lads.train", "train LADS or the dense baseline (one process, or many with torchrun)"),
     "eval": ("lads.evaluate", "Prec@0.5 per split, time per expression, subnet sizes"),
     "predict": ("lads.predict", "boxes for your own image and expressions"),
+    "analyze": ("lads.analyze", "see the subnets over a split: selection rates, t-SNE, drawings, word clouds"),
 }
 
 
