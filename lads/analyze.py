@@ -39,10 +39,10 @@ def add_arguments(parser):
 
 
 def run(args):
+    check_out_dir(Path(args.out), args.force)
     from lads.datasets import load_records
     from lads.engine import load_model
 
-    check_out_dir(Path(args.out), args.force)
     model, cfg = load_model(args.checkpoint)
     records, _ = load_records(args.data, args.split, image_root=cfg.data.image_root, split_by=cfg.data.split_by)
     records = records[: args.limit] if args.limit is not None else records
