@@ -70,7 +70,7 @@ def layer_rates(layer: np.ndarray, layout, path: Path) -> Path:
 def layers_per_expression(layer: np.ndarray, layout, path: Path) -> Path:
     """Fig. 4c: how many layers each expression's subnet keeps, per module."""
     visual, interaction = layers_kept(layer, layout)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), layout="constrained")
     for ax, values, top, title in (
         (axes[0], visual, layout.num_visual, "visual backbone (bottlenecks)"),
         (axes[1], interaction, len(layout.candidates) - layout.num_visual, "interaction module (MHSA + FFN)"),
@@ -90,7 +90,7 @@ def filters_per_expression(filt: np.ndarray, layout, path: Path) -> Path:
     """Fig. 4d: how many filters each expression opens in the first bottleneck of each stage
     (``layer1.0`` … ``layer4.0``, always run), one histogram per width."""
     blocks = stage_first_blocks(layout)
-    fig, axes = plt.subplots(1, len(blocks), figsize=(3 * len(blocks), 3))
+    fig, axes = plt.subplots(1, len(blocks), figsize=(3 * len(blocks), 3), layout="constrained")
     for ax, i in zip(np.atleast_1d(axes), blocks):
         s = layout.filter_slices[i]
         width = s.stop - s.start
