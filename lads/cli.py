@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": ("lads.evaluate", "Prec@0.5 per split, time per expression, subnet sizes"),
     "predict": ("lads.predict", "boxes for your own image and expressions"),
     "bench": ("lads.bench", "time and count FLOPs of dense, masked and extracted subnets"),
+    "analyze": ("lads.analyze", "see the subnets over a split: selection rates, t-SNE, drawings, word clouds"),
 }
 
 

@@ -1,0 +1,5 @@
+"""Seeing the subnets (paper Figs. 4-7): gate statistics, figures and an HTML report.
+
+``lads.analyze.analyze(model, expressions, expr_types, out_dir)`` runs all of it; the pieces:
+``stats`` (numbers from hard gates and α), ``figures`` (PNGs), ``report`` (the HTML page).
+"""

@@ -1,0 +1,65 @@
+"""One self-contained HTML page: the figures embedded as base64 PNGs, the key numbers, notes."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+CAPTIONS = {
+    "fig4a": "Selection rate of every filter, per bottleneck (filters sorted by rate).",
+    "fig4b": "Selection rate of every layer; projection blocks have no gate and always run.",
+    "fig4c": "Number of selected layers per expression, visual backbone and interaction module.",
+    "fig4d": "Number of selected filters per expression in the first block of each stage.",
+    "fig5": "t-SNE of the gate sets; labelled regions show expressions near k-means centres.",
+    "fig6": "Subnets of a few expressions (one per expression type, or the most different ones).",
+    "fig7": "Words assigned to the visual backbone (left) and the interaction module (right).",
+}
+
+
+def _image(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.stem)}">'
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_report(path: Path, stats: dict, figures: dict[str, Path], notes: list[str], title: str) -> Path:
+    """``figures``: key (``fig4a`` …) -> PNG; keys missing from it are skipped figures."""
+    s = stats
+    sub = s["subnet"]
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>{s['expressions']} expressions. Mean subnet: {sub['visual_layers_kept']:.1f} visual layers, "
+        f"{sub['interaction_layers_kept']:.1f} interaction sublayers, {sub['filters_kept']:.0f} filters"
+        + (f", {100 * sub['flops_fraction']:.1f}% of the dense FLOPs" if "flops_fraction" in sub else "")
+        + ".</p>",
+    ]
+    parts += [f'<p class="note">{html.escape(n)}</p>' for n in notes]
+    never, always = s["never_selected"], s["always_selected"]
+    parts.append(_table(
+        [["never selected", never["num_layers"], never["num_filters"]],
+         ["always selected", always["num_layers"], always["num_filters"]]],
+        ["", "layers (of those with a gate)", "filters"],
+    ))
+    if "by_type" in s:
+        keys = [k for k in ("layers_kept", "filters_kept", "flops_fraction") if k in sub]
+        parts += ["<h2>Subnet size per expression type</h2>", _table(
+            [[t, v["expressions"], *(f"{v[k]:.3f}" if k == "flops_fraction" else f"{v[k]:.1f}" for k in keys)]
+             for t, v in s["by_type"].items()],
+            ["type", "expressions", *keys],
+        )]
+    for key, caption in CAPTIONS.items():
+        if key in figures:
+            parts.append(f"<figure>{_image(figures[key])}<figcaption>{html.escape(caption)}</figcaption></figure>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
+             ".note{background:#fff3cd;padding:6px}figcaption{color:#555}")
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    path.write_text(page, encoding="utf-8")
+    return path

@@ -1,0 +1,200 @@
+"""Numbers about the subnets, from stacks of hard gates and the attention weights α.
+
+Everything here takes plain arrays (one row per expression) and a ``GateLayout``, so hand-set
+gates can be fed in: ``layer`` is (N, n_L) and ``filt`` is (N, n_C), both 0/1.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import numpy as np
+
+from lads.models.gating import GateLayout
+
+
+def candidate_runs(layer: np.ndarray, layout: GateLayout) -> np.ndarray:
+    """(N, K) 0/1: whether each candidate layer runs (the 4 projection bottlenecks always do)."""
+    runs = np.ones((layer.shape[0], len(layout.candidates)))
+    runs[:, layout.layer_owner] = layer
+    return runs
+
+
+def filters_kept(layer: np.ndarray, filt: np.ndarray, layout: GateLayout) -> np.ndarray:
+    """(N, P) filters that run per bottleneck: open filter gates, none in a skipped block."""
+    open_ = np.stack([filt[:, s].sum(1) for s in layout.filter_slices], 1)
+    return open_ * candidate_runs(layer, layout)[:, : layout.num_visual]
+
+
+def layers_kept(layer: np.ndarray, layout: GateLayout) -> tuple[np.ndarray, np.ndarray]:
+    """Layers run per expression in the visual backbone (Fig. 4c: 16 at most, the projection
+    blocks included) and in the interaction module (2M sublayers at most)."""
+    runs = candidate_runs(layer, layout)
+    return runs[:, : layout.num_visual].sum(1), runs[:, layout.num_visual :].sum(1)
+
+
+def _summary(values: np.ndarray, histogram: bool = False) -> dict:
+    out = {"mean": float(values.mean()), "std": float(values.std()),
+           "min": float(values.min()), "max": float(values.max())}
+    if histogram:
+        out["histogram"] = {int(k): n for k, n in sorted(Counter(values.astype(int).tolist()).items())}
+    return out
+
+
+def gate_statistics(layer, filt, layout: GateLayout, expr_types=None, flops_fraction=None) -> dict:
+    """Selection rates and subnet sizes (the numbers behind Fig. 4), as a JSON-ready dict.
+
+    ``flops_fraction``: (N,) kept FLOPs of each subnet (``kept_flops_fraction``), optional.
+    ``expr_types``: one label per expression (synthetic benchmark), for per-type means.
+    """
+    layer, filt = np.asarray(layer, float), np.asarray(filt, float)
+    n = layer.shape[0]
+    names = layout.names
+    layer_rate = layer.mean(0)
+    filter_rate = filt.mean(0)
+    gated = [names[i] for i in layout.layer_owner]
+    filter_names = [f"{names[owner]}/{j}" for owner, s in enumerate(layout.filter_slices)
+                    for j in range(s.stop - s.start)]
+
+    def extremes(value):
+        layers = [name for name, r in zip(gated, layer_rate) if r == value]
+        filters = [name for name, r in zip(filter_names, filter_rate) if r == value]
+        return {"num_layers": len(layers), "layers": layers, "num_filters": len(filters), "filters": filters}
+
+    visual, interaction = layers_kept(layer, layout)
+    kept = filters_kept(layer, filt, layout)
+    size = {"layers_kept": visual + interaction, "visual_layers_kept": visual,
+            "interaction_layers_kept": interaction, "filters_kept": kept.sum(1)}
+    if flops_fraction is not None:
+        size["flops_fraction"] = np.asarray(flops_fraction, float)
+    stats = {
+        "expressions": n,
+        "layer_selection_rate": {name: float(r) for name, r in zip(gated, layer_rate)},
+        "always_run_layers": [c.name for c in layout.candidates if not c.layer_gate],
+        "filter_selection_rate": {
+            names[i]: {"filters": s.stop - s.start, **_summary(filter_rate[s]),
+                       "never": int((filter_rate[s] == 0).sum()), "always": int((filter_rate[s] == 1).sum())}
+            for i, s in enumerate(layout.filter_slices)
+        },
+        "never_selected": extremes(0.0),
+        "always_selected": extremes(1.0),
+        "layers_kept": {"visual": _summary(visual, True), "interaction": _summary(interaction, True)},
+        "filters_selected_first_blocks": {  # Fig. 4d: the first block of each stage
+            names[i]: _summary(filt[:, layout.filter_slices[i]].sum(1))
+            for i in stage_first_blocks(layout)
+        },
+        "subnet": {k: float(v.mean()) for k, v in size.items()},
+    }
+    if expr_types is not None:
+        groups = defaultdict(list)
+        for i, t in enumerate(expr_types):
+            groups[t].append(i)
+        stats["by_type"] = {
+            t: {"expressions": len(idx), **{k: float(v[idx].mean()) for k, v in size.items()}}
+            for t, idx in sorted(groups.items())
+        }
+    return stats
+
+
+def stage_first_blocks(layout: GateLayout) -> list[int]:
+    """Candidate indices of ``layer1.0`` … ``layer4.0``: one representative block per width."""
+    return [i for i, c in enumerate(layout.candidates[: layout.num_visual]) if c.name.endswith(".0")]
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def subnet_flops(model, layer, filt, text_tokens) -> np.ndarray:
+    """FLOPs (2 × multiply-adds) of the visual backbone, interaction module and box head of each
+    subnet at the model's image size: convolutions and linear layers as
+    ``torch.utils.flop_counter`` counts them, plus the attention products QKᵀ and AV (which it
+    misses on PyTorch's fused attention path). A skipped block costs nothing; a closed filter
+    removes its share of conv2 and conv3. ``text_tokens``: (N,) tokens per expression, [CLS] in.
+    """
+    cfg, layout = model.config, model.layout
+    v, f = cfg.visual, cfg.fusion
+    runs = candidate_runs(np.asarray(layer, float), layout)
+    kept = np.stack([np.asarray(filt, float)[:, s].sum(1) for s in layout.filter_slices], 1)
+    size = _conv_out(cfg.image_size, 7, 2, 3)
+    total = np.full(runs.shape[0], size * size * 3 * v.width * 49, float)
+    size = _conv_out(size, 3, 2, 1)  # max pool
+    inplanes = v.width
+    for i, c in enumerate(layout.candidates[: layout.num_visual]):
+        stage, index = (int(x) for x in c.name.removeprefix("layer").split("."))
+        planes = c.filters
+        strided = index == 0 and stage > 1 and not (v.dilation and stage == 4)
+        out = _conv_out(size, 3, 2, 1) if strided else size
+        macs = size * size * inplanes * planes + out * out * kept[:, i] * planes * (9 + 4)
+        if index == 0:
+            macs = macs + out * out * inplanes * planes * 4
+        total += runs[:, i] * macs
+        size, inplanes = out, planes * 4
+    d, text_dim = f.d_model, model.text_backbone.hidden_size
+    tokens = np.asarray(text_tokens, float) + size * size
+    total += size * size * inplanes * d + np.asarray(text_tokens, float) * text_dim * d  # projections
+    sub = runs[:, layout.num_visual :]
+    total += (sub[:, 0::2] * (4 * tokens * d * d + 2 * tokens**2 * d)[:, None]).sum(1)  # MHSA
+    total += (sub[:, 1::2] * (2 * tokens * d * f.ffn_dim)[:, None]).sum(1)  # FFN
+    total += 2 * d * d + 4 * d  # box head on [CLS]
+    return 2 * total
+
+
+def kept_flops_fraction(model, layer, filt, text_tokens) -> np.ndarray:
+    """(N,) FLOPs of each subnet over those of the dense network on the same expression."""
+    dense = subnet_flops(model, np.ones_like(layer), np.ones_like(filt), text_tokens)
+    return subnet_flops(model, layer, filt, text_tokens) / dense
+
+
+# ----------------------------------------------------------------------------- words (Fig. 7)
+
+
+def merge_wordpieces(tokens: list[str], alpha: np.ndarray, special: set[str]):
+    """Words of one expression and their α (K, W): a word's α is the sum over its WordPiece
+    pieces (its share of each candidate's attention); special tokens and padding dropped."""
+    words, columns = [], []
+    for j, tok in enumerate(tokens):
+        if tok in special:
+            continue
+        if tok.startswith("##") and words:
+            words[-1] += tok[2:]
+            columns[-1].append(j)
+        else:
+            words.append(tok)
+            columns.append([j])
+    return words, np.stack([alpha[:, c].sum(1) for c in columns], 1) if words else alpha[:, :0]
+
+
+def word_scores(words: list[list[str]], alphas: list[np.ndarray], num_visual: int) -> dict:
+    """Fig. 7: for each word w, s_w = the mean of α_i (Eq. 1) at w over all its occurrences
+    (K values), ŝ_w = softmax(s_w); the visual score is the sum of the first P elements of ŝ_w,
+    the interaction score the sum of the last M. ``alphas[e]`` is (K, len(words[e]))."""
+    sums, counts = {}, Counter()
+    for ws, a in zip(words, alphas):
+        for j, w in enumerate(ws):
+            sums[w] = sums.get(w, 0.0) + np.asarray(a[:, j], float)
+            counts[w] += 1
+    out = {}
+    for w, total in sums.items():
+        s = total / counts[w]
+        e = np.exp(s - s.max())
+        hat = e / e.sum()
+        out[w] = {"count": counts[w], "visual": float(hat[:num_visual].sum()),
+                  "interaction": float(hat[num_visual:].sum())}
+    return out
+
+
+def cloud_weights(scores: dict, min_count: int = 1) -> tuple[dict, dict]:
+    """Words assigned to each module, weighted for a word cloud. ŝ_w is close to uniform, so
+    every visual score is near P/(P+M); a word goes to the visual cloud when its visual score
+    is above the median over words, to the interaction cloud when below, weighted by the gap."""
+    kept = {w: s["visual"] for w, s in scores.items() if s["count"] >= min_count}
+    if not kept:
+        return {}, {}
+    median = float(np.median(list(kept.values())))
+    visual = {w: v - median for w, v in kept.items() if v > median}
+    interaction = {w: median - v for w, v in kept.items() if v < median}
+    return visual, interaction

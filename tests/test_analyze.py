@@ -1,0 +1,237 @@
+"""``lads analyze``: statistics against hand counts, kept FLOPs against torch's flop counter,
+the paper's word scores on a hand example, figures and report on a tiny random model."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lads.analysis import stats
+from lads.analyze import analyze, choose_examples
+from lads.cli import main
+from lads.errors import LadsError
+from lads.models.gating import Candidate, GateLayout
+
+# ----------------------------------------------------------------------------- hand-set gates
+
+# layer1.0 (2 filters, no layer gate), layer1.1 (2 filters), layer2.0 (3 filters, no layer
+# gate), one fusion layer: MHSA and FFN. Layer gates: layer1.1, attn, ffn.
+LAYOUT = GateLayout([
+    Candidate("layer1.0", False, 2), Candidate("layer1.1", True, 2), Candidate("layer2.0", False, 3),
+    Candidate("fusion.0.attn", True, 0), Candidate("fusion.0.ffn", True, 0),
+])
+LAYER = np.array([[1, 1, 0], [0, 1, 0], [1, 1, 0], [0, 1, 0], [1, 1, 0]])
+FILTER = np.array([
+    [1, 0, 1, 1, 1, 1, 0],
+    [1, 0, 1, 1, 0, 1, 0],
+    [1, 1, 0, 0, 1, 1, 0],
+    [1, 0, 1, 0, 0, 1, 0],
+    [1, 0, 1, 1, 1, 1, 0],
+])
+TYPES = ["a", "b", "a", "b", "a"]
+FLOPS = [0.5, 0.1, 0.7, 0.3, 0.9]
+
+
+def test_statistics_equal_hand_counts():
+    s = stats.gate_statistics(LAYER, FILTER, LAYOUT, TYPES, FLOPS)
+    assert s["expressions"] == 5
+    assert s["layer_selection_rate"] == pytest.approx({"layer1.1": 0.6, "fusion.0.attn": 1.0, "fusion.0.ffn": 0.0})
+    assert s["always_run_layers"] == ["layer1.0", "layer2.0"]
+    assert s["never_selected"]["layers"] == ["fusion.0.ffn"]
+    assert s["always_selected"]["layers"] == ["fusion.0.attn"]
+    assert s["never_selected"]["filters"] == ["layer2.0/2"]
+    assert s["always_selected"]["filters"] == ["layer1.0/0", "layer2.0/1"]
+    assert s["never_selected"]["num_filters"] == 1 and s["always_selected"]["num_filters"] == 2
+    l10 = s["filter_selection_rate"]["layer1.0"]
+    assert (l10["filters"], l10["mean"], l10["min"], l10["max"], l10["never"], l10["always"]) == pytest.approx(
+        (2, 0.6, 0.2, 1.0, 0, 1))
+    assert s["filter_selection_rate"]["layer1.1"]["mean"] == pytest.approx(0.7)
+    # visual layers: the two ungated blocks plus layer1.1 when open; interaction: MHSA only
+    assert s["layers_kept"]["visual"]["histogram"] == {2: 2, 3: 3}
+    assert s["layers_kept"]["interaction"]["histogram"] == {1: 5}
+    assert s["filters_selected_first_blocks"]["layer1.0"]["mean"] == pytest.approx(6 / 5)
+    assert list(s["filters_selected_first_blocks"]) == ["layer1.0", "layer2.0"]
+    # filters that run: a skipped layer1.1 runs none of its open filters -> 5, 2, 4, 2, 5
+    assert s["subnet"]["filters_kept"] == pytest.approx(18 / 5)
+    a, b = s["by_type"]["a"], s["by_type"]["b"]
+    assert (a["expressions"], a["layers_kept"], a["filters_kept"], a["flops_fraction"]) == pytest.approx(
+        (3, 4, 14 / 3, 0.7))
+    assert (b["expressions"], b["layers_kept"], b["filters_kept"], b["flops_fraction"]) == pytest.approx(
+        (2, 3, 2, 0.2))
+    json.dumps(s)  # JSON-ready
+
+
+def test_examples_one_per_type_or_most_different():
+    assert sorted(TYPES[i] for i in choose_examples(LAYER, FILTER, TYPES)) == ["a", "b"]
+    chosen = choose_examples(LAYER, FILTER)
+    assert chosen[0] in (1, 3) and len(set(chosen)) == len(chosen)  # smallest subnet first
+
+
+# ----------------------------------------------------------------------------- words (Fig. 7)
+
+
+def test_word_scores_follow_the_paper():
+    # K = 3 candidates: P = 2 visual, M = 1 interaction; "red" occurs twice, "ball" once
+    words = [["red", "ball"], ["red"]]
+    alphas = [np.array([[0.5, 0.5], [0.2, 0.8], [1.0, 0.0]]), np.array([[1.0], [0.0], [0.0]])]
+    scores = stats.word_scores(words, alphas, num_visual=2)
+    s_red = [0.75, 0.1, 0.5]  # mean of α over its two occurrences
+    e = [math.exp(x) for x in s_red]
+    assert scores["red"]["count"] == 2
+    assert scores["red"]["visual"] == pytest.approx((e[0] + e[1]) / sum(e))
+    assert scores["red"]["interaction"] == pytest.approx(e[2] / sum(e))
+    e = [math.exp(x) for x in (0.5, 0.8, 0.0)]
+    assert scores["ball"]["interaction"] == pytest.approx(e[2] / sum(e))
+    visual, interaction = stats.cloud_weights({**scores, "x": {"count": 1, "visual": 0.5, "interaction": 0.5}})
+    assert set(visual) == {"ball"} and set(interaction) == {"x"}  # median split
+
+
+def test_wordpieces_merge_and_specials_drop():
+    tokens = ["[CLS]", "blu", "##ish", "ball", "[SEP]"]
+    alpha = np.array([[0.1, 0.2, 0.3, 0.4, 0.0], [0.0, 0.5, 0.5, 0.0, 0.0]])
+    words, a = stats.merge_wordpieces(tokens, alpha, {"[CLS]", "[SEP]", "[PAD]"})
+    assert words == ["bluish", "ball"]
+    np.testing.assert_allclose(a, [[0.5, 0.4], [1.0, 0.0]])
+
+
+# ----------------------------------------------------------------------------- a tiny model
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from transformers import BertConfig, BertModel
+
+    import lads
+    from lads.models.text import resolve_text_model
+
+    bert = tmp_path_factory.mktemp("bert")
+    vocab = Path(resolve_text_model("minilm-l6")) / "vocab.txt"
+    shutil.copy(vocab, bert / "vocab.txt")
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=len(vocab.read_text().splitlines()))
+    BertModel(config).save_pretrained(bert)
+    torch.manual_seed(0)
+    return lads.build_model("tiny", [f"model.text.name={bert}", "model.text.pretrained=false",
+                                     "model.text.num_layers=2", "model.gating.bias_init=0"]).eval()
+
+
+COLOURS, SHAPES = ["red", "green", "blue", "yellow"], ["circle", "square", "star"]
+EXPRESSIONS = (
+    [(f"the {s}", "category") for s in SHAPES]
+    + [(f"the small {c} {s}", "attribute") for c in COLOURS for s in SHAPES]
+    + [(f"the {w} {s}", "spatial") for w in ("leftmost", "second", "topmost") for s in SHAPES]
+    + [(f"the {s} left of the {c} square", "relational") for c in COLOURS for s in SHAPES[:2]]
+)
+
+
+def _attention_flops(model, tokens: int) -> float:
+    """QKᵀ and AV of every MHSA: the products torch's flop counter misses on the fused path."""
+    return model.config.fusion.num_layers * 2 * 2 * tokens**2 * model.config.fusion.d_model
+
+
+def test_kept_flops_match_the_flop_counter(model):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size, text_tokens = model.config.image_size, 7
+    images, pixel_mask = torch.randn(1, 3, size, size), torch.zeros(1, size, size, dtype=torch.bool)
+    ids = torch.randint(1000, 2000, (1, text_tokens))
+    with torch.no_grad():
+        text, mask = model.encode_text(ids, torch.ones_like(ids))
+        visual_tokens = model.visual_backbone(images).flatten(2).shape[-1]
+        with FlopCounterMode(display=False) as counter:
+            model.ground(images, pixel_mask, text, mask, None)
+    counts = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+    layer, filt = np.ones((1, model.layout.num_layer_gates)), np.ones((1, model.layout.num_filter_gates))
+    dense = stats.subnet_flops(model, layer, filt, [text_tokens])[0]
+    assert dense == pytest.approx(counts["Global"] + _attention_flops(model, text_tokens + visual_tokens))
+    # skipping a bottleneck or an FFN removes exactly what the counter saw it cost
+    names = model.layout.names
+    skip = layer.copy()
+    skip[0, model.layout.layer_slot[names.index("layer3.2")]] = 0
+    skip[0, model.layout.layer_slot[names.index("fusion.1.ffn")]] = 0
+    ffn = counts["ModalityInteraction.layers.1.linear1"] + counts["ModalityInteraction.layers.1.linear2"]
+    assert stats.subnet_flops(model, skip, filt, [text_tokens])[0] == pytest.approx(
+        dense - counts["VisualBackbone.layer3.2"] - ffn)
+    assert stats.kept_flops_fraction(model, layer, filt, [text_tokens])[0] == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- figures and report
+
+
+def _check_png(path: Path):
+    assert path.exists() and path.stat().st_size > 0, path
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.width > 0 and im.height > 0
+        pixels = np.asarray(im.convert("RGB"))
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 1, f"{path.name} is a single colour"
+
+
+def _references(page: str) -> list[str]:
+    return re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", page)
+
+
+@pytest.fixture(scope="module")
+def analysed(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("analysis") / "out"
+    expressions, types = zip(*EXPRESSIONS)
+    return out, analyze(model, list(expressions), list(types), out, progress=False)
+
+
+def test_every_figure_is_a_png_and_the_report_embeds_them(analysed):
+    out, result = analysed
+    assert set(result["figures"]) == {"fig4a", "fig4b", "fig4c", "fig4d", "fig5", "fig6", "fig7"}
+    for path in result["figures"].values():
+        _check_png(path)
+    page = result["report"].read_text()
+    refs = _references(page)
+    assert len(refs) == len(result["figures"])
+    for ref in refs:
+        if ref.startswith("data:"):
+            assert ref.startswith("data:image/png;base64,")
+            assert base64.b64decode(ref.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+        else:
+            assert (out / ref).exists(), ref
+    saved = json.loads(result["stats_path"].read_text())
+    assert saved["expressions"] == len(EXPRESSIONS) and saved["notes"] == []
+    assert set(saved["by_type"]) == {"category", "attribute", "spatial", "relational"}
+    assert 0 < saved["subnet"]["flops_fraction"] < 1  # bias_init = 0: about half the gates closed
+    assert {"the", "left"} <= set(saved["words"])
+    assert not any(w.startswith("##") or w in ("[CLS]", "[SEP]") for w in saved["words"])
+
+
+def test_existing_folder_needs_force(model, analysed):
+    out, _ = analysed
+    with pytest.raises(LadsError, match=r"(?s)" + re.escape(str(out)) + r".*--force"):
+        analyze(model, ["the red circle"], out_dir=out)
+    assert main(["analyze", "--checkpoint", "none", "--data", "none", "--out", str(out)]) == 2
+
+
+def test_too_few_expressions_skip_the_map_only(model, tmp_path):
+    result = analyze(model, ["the red circle", "the star", "the leftmost square"], out_dir=tmp_path,
+                     force=True, progress=False)
+    assert "fig5" not in result["figures"] and not (tmp_path / "fig5_tsne.png").exists()
+    assert any("t-SNE" in n and "skipped" in n for n in result["notes"])
+    for path in result["figures"].values():
+        _check_png(path)
+    assert "t-SNE) skipped" in result["report"].read_text()
+    assert json.loads(result["stats_path"].read_text())["notes"] == result["notes"]
+
+
+def test_dense_model_is_refused(model, tmp_path):
+    model.gating, gating = None, model.gating
+    try:
+        with pytest.raises(LadsError, match="dense"):
+            analyze(model, ["the star"], out_dir=tmp_path / "x")
+    finally:
+        model.gating = gating
