@@ -2,7 +2,7 @@
 
 Generate the benchmark, train LADS and the dense baseline (same budget) with the ``tiny``
 preset, evaluate both on the test and held-out-combination splits, run ``predict`` on a few
-test images, and write a report. A rerun reuses what is done and resumes what is not.
+test images, draw what the subnets do (``lads analyze``), and write a report. A rerun reuses what is done and resumes what is not.
 """
 
 from __future__ import annotations
@@ -36,29 +36,31 @@ def run(args):
     data = out / "data"
     images = args.images
     if not (data / "instances.json").exists():
-        print(f"[1/5] generating the synthetic benchmark ({images} images) in {data}")
+        print(f"[1/6] generating the synthetic benchmark ({images} images) in {data}")
         synth.generate(data, seed=args.seed, images=images)
     else:
-        print(f"[1/5] reusing the synthetic benchmark in {data}")
+        print(f"[1/6] reusing the synthetic benchmark in {data}")
     checkpoints = {}
     for step, (name, dense) in enumerate((("lads", False), ("dense", True)), start=2):
         run_dir = out / name
         cfg = load_config(args.config, [*args.overrides, f"data.path={data}", f"train.out={run_dir}",
                                         f"model.dense={json.dumps(dense)}"])
         done = _finished(run_dir)
-        print(f"[{step}/5] training {'the dense baseline' if dense else 'LADS'} in {run_dir}"
+        print(f"[{step}/6] training {'the dense baseline' if dense else 'LADS'} in {run_dir}"
               + (" (done already)" if done else ""))
         checkpoints[name] = run_dir / "checkpoint" if done else train(
             cfg, resume=str(run_dir) if (run_dir / "checkpoint").exists() else None
         )
-    print("[4/5] evaluating both on", ", ".join(SPLITS))
+    print("[4/6] evaluating both on", ", ".join(SPLITS))
     rows = evaluate_checkpoints([checkpoints["lads"], checkpoints["dense"]], str(data), SPLITS)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     table = markdown_table(rows)
     print(table)
-    print("[5/5] predicting on a few test images")
+    print("[5/6] predicting on a few test images")
     pictures = _predict_examples(checkpoints["lads"], data, out / "predictions")
-    report = _report(out, table, rows, pictures, time.time() - started)
+    print("[6/6] drawing the subnets of the test expressions")
+    analysis = _analyze(checkpoints["lads"], data, out / "analysis")
+    report = _report(out, table, rows, pictures, analysis, time.time() - started)
     print(f"report: {report}")
 
 
@@ -88,7 +90,17 @@ def _predict_examples(checkpoint, data: Path, out: Path, images: int = 4) -> lis
     return pictures
 
 
-def _report(out: Path, table: str, rows, pictures, seconds) -> Path:
+def _analyze(checkpoint, data: Path, out: Path) -> dict:
+    from lads.analyze import analyze
+    from lads.datasets import load_records
+    from lads.models import LADS
+
+    records, _ = load_records(data, "test")
+    return analyze(LADS.from_pretrained(checkpoint), [r.expression for r in records],
+                   [r.expr_type for r in records], out_dir=out, force=True, title="LADS subnets, synthetic test split")
+
+
+def _report(out: Path, table: str, rows, pictures, analysis, seconds) -> Path:
     lines = [
         "# lads demo: the synthetic REC benchmark",
         "",
@@ -108,6 +120,18 @@ def _report(out: Path, table: str, rows, pictures, seconds) -> Path:
                 lines.append(f"- {r['name']}, {split}, by expression type: {kinds}")
     lines += ["", "## Predictions (LADS, extracted subnets)", ""]
     lines += [f"![{p.stem}]({p.relative_to(out)})" for p in pictures]
+    lines += ["", "## The subnets (test split)", "",
+              f"Full report: `{Path(analysis['report']).relative_to(out)}`; numbers: "
+              f"`{Path(analysis['stats_path']).relative_to(out)}`.", ""]
+    by_type = analysis["stats"].get("by_type", {})
+    if by_type:
+        lines += ["| expression type | " + " | ".join(next(iter(by_type.values()))) + " |",
+                  "|---|" + "---|" * len(next(iter(by_type.values())))]
+        lines += [f"| {k} | " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()) + " |"
+                  for k, row in by_type.items()]
+        lines.append("")
+    lines += [f"![{key}]({Path(path).relative_to(out)})" for key, path in analysis["figures"].items()]
+    lines += [f"- note: {n}" for n in analysis["notes"]]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

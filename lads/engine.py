@@ -82,7 +82,7 @@ def build_optimizer(model, cfg) -> torch.optim.Optimizer:
     lrs = {"rest": cfg.lr, "text_backbone": cfg.lr_backbone,
            "visual_backbone": cfg.lr_backbone if cfg.lr_visual is None else cfg.lr_visual}
     groups = [{"params": params, "lr": lrs[name]} for name, params in groups.items()]
-    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay, foreach=True)
 
 
 def lr_factor(step: int, warmup_steps: int, drop_step: int) -> float:
