@@ -261,7 +261,7 @@ def test_dense_config_equals_all_gates_open(make_tiny, tiny_model):
 def test_a_few_dozen_steps_drive_the_loss_down(make_tiny):
     """60 AdamW steps on a fixed batch of 8: L1 + GIoU (eval, deterministic gates) falls below 40 %."""
     model = make_tiny(seed=0)
-    images, pixel_mask, ids, mask = make_batch(batch=8, size=64, seed=7)
+    images, pixel_mask, ids, mask = make_batch(batch=8, size=32, seed=7)
     g = torch.Generator().manual_seed(8)
     centre, size = 0.3 + 0.4 * torch.rand(8, 2, generator=g), 0.1 + 0.3 * torch.rand(8, 2, generator=g)
     target = torch.cat((centre, size), 1)
