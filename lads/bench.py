@@ -13,7 +13,6 @@ rounds and each speedup is over the dense time measured beside it. Writes ``benc
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lads.errors import LadsError
+from lads.util import dist
 from lads.models.gating import Gates
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -65,50 +65,22 @@ def random_text_config(directory: str | Path) -> str:
     return str(directory)
 
 
-def load_checkpoint(directory: str | Path, overrides: list[str] | None = None):
-    """A LADS model from ``DIR/config.json`` (a full config, ``{"model": …}``, optionally under a
-    ``"config"`` key) and ``DIR/model.safetensors``, loaded strictly."""
-    from safetensors.torch import load_file
-
-    from lads.config import apply_overrides, config_from_dict
-    from lads.models import LADS
-
-    directory = Path(directory)
-    for name in ("config.json", "model.safetensors"):
-        if not (directory / name).is_file():
-            raise LadsError(f"--checkpoint {directory}: no {name}")
-    raw = json.loads((directory / "config.json").read_text())
-    raw = raw.get("config", raw)
-    config = config_from_dict(apply_overrides(raw, [*(overrides or []), "model.text.pretrained=false",
-                                                    "model.visual.pretrained=null"]))
-    model = LADS(config.model)
-    try:
-        model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=True)
-    except RuntimeError as e:
-        raise LadsError(f"--checkpoint {directory}: weights do not fit the config: {e}") from None
-    return model
-
-
 def build(args, workdir: Path):
     from lads.models import build_model
 
     overrides = list(args.overrides)
     if args.random_text:
         overrides += [f"model.text.name={random_text_config(workdir / 'bert')}", "model.text.pretrained=false"]
-    model = load_checkpoint(args.checkpoint, overrides) if args.checkpoint else build_model(args.config, overrides)
+    if args.checkpoint:
+        from lads.engine import load_model
+
+        model = load_model(args.checkpoint)[0]
+    else:
+        model = build_model(args.config, overrides)
     model = model.eval().to(args.device, DTYPES[args.dtype])
     if args.channels_last:
         model.visual_backbone.to(memory_format=torch.channels_last)
     return model
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -309,7 +281,7 @@ def run(args):
         model = build(args, Path(workdir))
         result = measure(args, model)
     meta = {
-        "config": args.checkpoint or args.config, "device": args.device, "device_name": device_name(args.device),
+        "config": args.checkpoint or args.config, "device": args.device, "device_name": dist.device_name(args.device),
         "dtype": args.dtype, "threads": args.threads, "torch": torch.__version__, "fold_bn": args.fold_bn,
         "channels_last": args.channels_last, "image_size": args.image_size or model.config.image_size,
         "text_len": "tokenised" if args.expr else args.text_len,

@@ -42,11 +42,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from lads.errors import LadsError
 
+    from lads.util.dist import cleanup
+
     try:
         return chosen.run(args) or 0
     except LadsError as e:
         print(f"lads {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        cleanup()
 
 
 if __name__ == "__main__":

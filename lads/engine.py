@@ -355,7 +355,7 @@ def evaluate(model, dataset, batch_size: int = 32, mode: str = "subnet", num_wor
     from lads.datasets.dataset import collate
     from lads.datasets.transforms import box_to_original
     from lads.inference import SubnetRunner
-    from lads.util.box_ops import box_iou, cxcywh_to_xyxy
+    from lads.util.box_ops import box_iou
 
     rank, world = dist.get_rank(), dist.get_world_size()
     device = next(model.parameters()).device

@@ -38,7 +38,7 @@ def evaluate_checkpoints(checkpoints, data=None, splits=None, mode="subnet", bat
             dataset = load_split(cfg, split, False, tokenizer)
             results[split] = evaluate(model, dataset, batch_size, mode if not cfg.model.dense else "dense")
         name = ("dense" if cfg.model.dense else "LADS") + f" ({Path(ckpt).name})"
-        rows.append({"name": name, "checkpoint": str(ckpt), "mode": mode, "device": _device_name(device),
+        rows.append({"name": name, "checkpoint": str(ckpt), "mode": mode, "device": dist.device_name(device),
                      "dtype": str(torch.get_default_dtype()).replace("torch.", ""),
                      "threads": torch.get_num_threads(), "splits": results})
     return rows
@@ -62,16 +62,6 @@ def markdown_table(rows: list[dict]) -> str:
                  f"batch of the evaluation, mode {r0['mode']}, on {r0['device']}, {r0['dtype']}, "
                  f"{r0['threads']} threads.")
     return "\n".join(lines)
-
-
-def _device_name(device) -> str:
-    import platform
-
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()})"
 
 
 def run(args):

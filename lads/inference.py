@@ -42,7 +42,8 @@ def group_by_pattern(gates: Gates) -> dict[bytes, list[int]]:
 class SubnetRunner:
     """Ground a batch of expressions with dense, masked or extracted networks.
 
-    ``SubnetRunner(model, cache_size=32, fold_bn=False)``; ``model`` must be in eval mode.
+    ``SubnetRunner(model, cache_size=32, fold_bn=True)``; ``model`` must be in eval mode; batch
+    norm is folded into the subnets' convolutions unless ``fold_bn=False``.
     ``cache_size`` subnets are kept (least recently used evicted; 0: none kept). The cache holds
     copies of the weights: call :meth:`clear` after the model's weights change.
 
@@ -59,7 +60,7 @@ class SubnetRunner:
     - ``cache``: ``{"hits": n, "misses": n}`` for this call.
     """
 
-    def __init__(self, model, cache_size: int = 32, fold_bn: bool = False):
+    def __init__(self, model, cache_size: int = 32, fold_bn: bool = True):
         if cache_size < 0:
             raise LadsError(f"cache_size must be >= 0, got {cache_size}")
         self.model = model

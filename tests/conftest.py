@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny random BERT on disk, tiny LADS models and input batches.
 
+Plain helpers live in ``helpers.py`` (``from helpers import …``).
+
 Everything is built on the spot from real parts (no mocks, no downloads).
 """
 
@@ -9,6 +11,7 @@ import os
 
 import pytest
 import torch
+from helpers import engine_overrides, make_batch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # as fast here, and no OpenMP spin-waiting on shared cores
@@ -57,22 +60,6 @@ def tiny_model(make_tiny):
     return make_tiny().eval()
 
 
-def make_batch(batch: int = 2, size: int = 64, length: int = 7, seed: int = 0, vocab: int = 1000):
-    """Images (B, 3, size, size) with some letterbox padding, and token ids with padding."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, size, size, generator=g)
-    pixel_mask = torch.zeros(batch, size, size, dtype=torch.bool)
-    pixel_mask[0, :, size * 3 // 4:] = True  # the first image is letterboxed on the right
-    images[pixel_mask[:, None].expand_as(images)] = 0
-    input_ids = torch.randint(5, vocab, (batch, length), generator=g)
-    input_ids[:, 0] = 2  # a [CLS]-like first token
-    lengths = torch.randint(2, length + 1, (batch,), generator=g)
-    lengths[-1] = length
-    attention_mask = (torch.arange(length)[None] < lengths[:, None]).long()
-    input_ids = input_ids * attention_mask
-    return images, pixel_mask, input_ids, attention_mask
-
-
 @pytest.fixture
 def batch():
     return make_batch()
@@ -108,12 +95,15 @@ def synth_data(tmp_path_factory) -> str:
     return str(path)
 
 
-def engine_overrides(text_dir: str, data: str, out) -> list[str]:
-    """A config small enough to train in seconds on 2 CPU cores."""
-    return [
-        f"model.text.name={text_dir}", "model.text.num_layers=2", "model.image_size=64",
-        "model.visual.width=8", "model.fusion.d_model=32", "model.fusion.num_heads=2",
-        "model.fusion.ffn_dim=64", "model.fusion.num_layers=2", "model.gating.hidden=8",
-        f"data.path={data}", "data.num_workers=0", f"train.out={out}", "train.log_every=1",
-        "train.warmup_epochs=0", "train.lr=1e-3", "train.lr_visual=1e-3",
-    ]
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_text_dir, synth_data):
+    """A short training run on the small synthetic set: (checkpoint folder, config)."""
+    from lads.config import load_config
+    from lads.engine import train
+
+    out = tmp_path_factory.mktemp("trained")
+    cfg = load_config("tiny", engine_overrides(tiny_text_dir, synth_data, out) + [
+        "model.visual.width=16", "model.fusion.d_model=64", "model.fusion.num_heads=4",
+        "model.fusion.ffn_dim=128", "train.epochs=150", "train.batch_size=8", "train.micro_batch=8",
+        "train.lr_drop_epoch=130", "data.augment=false", "train.checkpoint_every=100000"])
+    return train(cfg), cfg

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_batch
+from helpers import make_batch
 from lads import __version__
 from lads.config import ConfigError, known_presets, load_config
 from lads.errors import LadsError
@@ -18,14 +18,15 @@ from lads.models import Gates
 
 
 def test_presets_and_overrides():
-    assert known_presets() == ["lads-r50", "tiny"]
+    assert known_presets() == ["lads-r50", "refcoco", "refcoco+", "refcocog", "referit", "tiny"]
+    assert load_config("refcoco").model.image_size == 512  # a dataset preset builds on lads-r50
     cfg = load_config("tiny", ["model.fusion.num_layers=2", "model.loss.mi=0"])
     assert cfg.model.fusion.num_layers == 2 and cfg.model.loss.mi == 0.0
     assert cfg.model.visual.width == 16 and cfg.model.text.max_tokens == 40  # from the base chain
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(ConfigError, match=r"'nope'.*known presets: lads-r50, tiny"):
+    with pytest.raises(ConfigError, match=r"'nope'.*known presets: lads-r50, refcoco, .*, tiny"):
         load_config("nope")
 
 
@@ -116,5 +117,6 @@ def test_cli_error_is_one_line_and_exit_2():
     result = lads("info", "--config", "nope")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "lads info: error: unknown preset or config file 'nope'; known presets: lads-r50, tiny"
+        "lads info: error: unknown preset or config file 'nope'; "
+        "known presets: lads-r50, refcoco, refcoco+, refcocog, referit, tiny"
     ]

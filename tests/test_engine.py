@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import engine_overrides
+from helpers import engine_overrides
 from safetensors.torch import load_file
 
 from lads.config import load_config
@@ -38,19 +38,18 @@ def test_torchrun_two_processes_match_one_process(tmp_path, tiny_text_dir, synth
         "train.epochs=2", "train.batch_size=8", "train.micro_batch=4", "train.checkpoint_every=1000"]
     runs = {}
     for name, launcher in {
-        "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517"],
+        "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
         "one": [sys.executable],
     }.items():
         out = tmp_path / name
         out.mkdir()
         spec = _write_overrides(tmp_path, name, common + [f"train.out={out / 'run'}"])
-        subprocess.run([*launcher, str(ROOT / "tests" / "dist_worker.py"), str(spec), str(out)],
-                       env=ENV, check=True, timeout=300, capture_output=True)
+        done = subprocess.run([*launcher, str(ROOT / "tests" / "dist_worker.py"), str(spec), str(out)],
+                              env=ENV, timeout=300, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
         runs[name] = out
     rank0, rank1 = (load_file(str(runs["two"] / f"rank{r}.safetensors")) for r in (0, 1))
     single = load_file(str(runs["one"] / "rank0.safetensors"))
-    initial = load_config("tiny", common)  # sanity: training moved the weights at all
-    assert initial.train.epochs == 2
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
         torch.testing.assert_close(rank0[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
@@ -107,18 +106,6 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path, tiny_text_dir, synt
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_text_dir, synth_data):
-    """A short training run on the small synthetic set (the checkpoint is shared below)."""
-    from lads.engine import train
-
-    out = tmp_path_factory.mktemp("trained")
-    cfg = load_config("tiny", engine_overrides(tiny_text_dir, synth_data, out) + [
-        "train.epochs=40", "train.batch_size=8", "train.micro_batch=8", "train.lr_drop_epoch=35",
-        "data.augment=false", "train.checkpoint_every=100000"])
-    return train(cfg), cfg
-
-
 def test_training_loss_falls_and_precision_rises(trained, tiny_text_dir, synth_data):
     """The loss falls markedly and Prec@0.5 on the training images rises far above chance."""
     from lads.engine import evaluate, load_model, load_split
@@ -128,7 +115,7 @@ def test_training_loss_falls_and_precision_rises(trained, tiny_text_dir, synth_d
     checkpoint, cfg = trained
     log = [json.loads(line) for line in (checkpoint.parent / "log.jsonl").read_text().splitlines()]
     first, last = sum(r["l1"] + r["giou"] for r in log[:3]) / 3, sum(r["l1"] + r["giou"] for r in log[-3:]) / 3
-    assert last < 0.6 * first, (first, last)
+    assert last < 0.5 * first, (first, last)
 
     tokenizer = load_tokenizer(tiny_text_dir)
     dataset = load_split(cfg, "train", False, tokenizer)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_batch
+from helpers import make_batch
 from lads.models import Gates
 from lads.models.gating import binary_gates
 

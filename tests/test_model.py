@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_batch
+from helpers import make_batch
 from lads.cli import main as lads_main
 from lads.models import Gates, build_model
 

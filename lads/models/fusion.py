@@ -2,7 +2,10 @@
 
 Each layer is pre-norm with two gated residual sublayers (Eq. 6):
 ``x + g_attn · MHSA(LN(x))`` and ``x + g_ffn · FFN(LN(x))``; a closed gate is an exact identity.
-Visual tokens carry 2-D sine positional embeddings, added to queries and keys (DETR, TransVG).
+Visual tokens carry 2-D sine positional embeddings: added to the tokens themselves (the paper:
+"flattened ... and added with the sinusoidal positional embeddings"), so that the values the
+``[CLS]`` token gathers hold positions, and again to queries and keys in every layer (DETR,
+TransVG).
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ class ModalityInteraction(nn.Module):
         x = torch.cat((self.text_proj(text), v), dim=1)
         pos = torch.cat((torch.zeros_like(x[:, : text.shape[1]]), sine_position_embedding(visual_mask, self.d_model)), dim=1)
         key_padding_mask = torch.cat((~text_mask, visual_mask.flatten(1)), dim=1)
-        return x, pos, key_padding_mask
+        return x + pos, pos, key_padding_mask
 
     def forward(self, visual, visual_mask, text, text_mask, gates=None):
         """``gates``: a list of 2·M per-sublayer gates (attn, ffn, attn, …), or None (open)."""

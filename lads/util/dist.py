@@ -17,6 +17,13 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return get_rank(), get_world_size()
 
 
+def cleanup() -> None:
+    """End the process group (every rank, before exit: gloo aborts on a dangling one)."""
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -61,3 +68,18 @@ def local_device() -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def device_name(device) -> str:
+    """The GPU's name, or the CPU's model name (what timings must be reported with)."""
+    import platform
+    from pathlib import Path
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        if line.startswith("model name"):
+            return "CPU " + line.split(":", 1)[1].strip()
+    return "CPU " + (platform.processor() or platform.machine())
