@@ -13,6 +13,7 @@ from pathlib import Path
 
 SPLITS = ["test", "heldout"]
 IMAGES = 2000  # synthetic images (train, val, test and held-out together)
+MINUTES = 5.0  # training budget of each of the two models
 
 
 def add_arguments(parser):
@@ -43,8 +44,8 @@ def run(args):
     checkpoints = {}
     for step, (name, dense) in enumerate((("lads", False), ("dense", True)), start=2):
         run_dir = out / name
-        cfg = load_config(args.config, [*args.overrides, f"data.path={data}", f"train.out={run_dir}",
-                                        f"model.dense={json.dumps(dense)}"])
+        cfg = load_config(args.config, [f"train.max_minutes={MINUTES}", *args.overrides, f"data.path={data}",
+                                        f"train.out={run_dir}", f"model.dense={json.dumps(dense)}"])
         done = _finished(run_dir)
         print(f"[{step}/6] training {'the dense baseline' if dense else 'LADS'} in {run_dir}"
               + (" (done already)" if done else ""))

@@ -37,7 +37,8 @@ def evaluate_checkpoints(checkpoints, data=None, splits=None, mode="subnet", bat
         for split in splits or cfg.data.eval_splits:
             dataset = load_split(cfg, split, False, tokenizer)
             results[split] = evaluate(model, dataset, batch_size, mode if not cfg.model.dense else "dense")
-        name = ("dense" if cfg.model.dense else "LADS") + f" ({Path(ckpt).name})"
+        run = Path(ckpt).parent if Path(ckpt).name == "checkpoint" else Path(ckpt)
+        name = ("dense" if cfg.model.dense else "LADS") + f" ({run.name})"
         rows.append({"name": name, "checkpoint": str(ckpt), "mode": mode, "device": dist.device_name(device),
                      "dtype": str(torch.get_default_dtype()).replace("torch.", ""),
                      "threads": torch.get_num_threads(), "splits": results})
