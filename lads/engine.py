@@ -406,12 +406,10 @@ def evaluate(model, dataset, batch_size: int = 32, mode: str = "subnet", num_wor
 
 def _kept(model, gates, j) -> dict:
     """Layers (bottlenecks and sublayers) and filters of expression ``j``'s subnet."""
-    layout = model.layout
-    total_layers = len(layout.candidates)
-    if gates is None:
-        return {"layers": total_layers, "filters": layout.num_filter_gates}
-    closed = int((gates.layer[j] == 0).sum())
-    return {"layers": total_layers - closed, "filters": int(gates.filter[j].sum())}
+    from lads.predict import subnet_summary
+
+    kept = subnet_summary(model, gates, j)
+    return {"layers": kept["visual_layers"] + kept["fusion_sublayers"], "filters": kept["filters"]}
 
 
 def load_model(checkpoint, device=None):
