@@ -15,6 +15,7 @@ COMMANDS = {
     "demo": ("lads.demo", "the main job: synthetic benchmark, train LADS and dense, evaluate, predict, report"),
     "info": ("lads.models.info", "build a model and print its structure and parameter counts"),
     "data": ("lads.datasets.cli", "generate the synthetic benchmark, inspect datasets"),
+    "pretrain": ("lads.pretrain", "detection pre-training of the visual backbone on a dataset's boxes"),
     "train": ("lads.train", "train LADS or the dense baseline (one process, or many with torchrun)"),
     "eval": ("lads.evaluate", "Prec@0.5 per split, time per expression, subnet sizes"),
     "predict": ("lads.predict", "boxes for your own image and expressions"),

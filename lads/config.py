@@ -123,10 +123,25 @@ class TrainConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Detection pre-training of the visual backbone (``lads pretrain``), on the boxes of
+    ``data.path``; it stops after ``steps`` or ``max_minutes``, whichever comes first."""
+
+    steps: int = 2000
+    max_minutes: float = 4.0
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    seed: int = 0
+    out: str = "runs/pretrain"
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -1,8 +1,10 @@
 """``lads demo``: the main job on the embedded default, the synthetic REC benchmark.
 
-Generate the benchmark, train LADS and the dense baseline (same budget) with the ``tiny``
-preset, evaluate both on the test and held-out-combination splits, run ``predict`` on a few
-test images, draw what the subnets do (``lads analyze``), and write a report. A rerun reuses what is done and resumes what is not.
+Generate the benchmark, pre-train the visual backbone on its boxes (``lads pretrain``, the role
+of the paper's DETR weights), train LADS and the dense baseline from it (same budget) with the
+``tiny`` preset, evaluate both on the test and held-out-combination splits, run ``predict`` on a
+few test images, draw what the subnets do (``lads analyze``), and write a report. A rerun reuses
+what is done and resumes what is not.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def run(args):
     from lads.datasets import synth
     from lads.engine import train
     from lads.evaluate import evaluate_checkpoints, markdown_table
+    from lads.pretrain import WEIGHTS, pretrain
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -37,29 +40,36 @@ def run(args):
     data = out / "data"
     images = args.images
     if not (data / "instances.json").exists():
-        print(f"[1/6] generating the synthetic benchmark ({images} images) in {data}")
+        print(f"[1/7] generating the synthetic benchmark ({images} images) in {data}")
         synth.generate(data, seed=args.seed, images=images)
     else:
-        print(f"[1/6] reusing the synthetic benchmark in {data}")
+        print(f"[1/7] reusing the synthetic benchmark in {data}")
+    visual = out / "pretrain" / WEIGHTS
+    if not (out / "pretrain" / "meta.json").exists():
+        print(f"[2/7] pre-training the visual backbone on the boxes of the training images, in {visual.parent}")
+        pretrain(load_config(args.config, [*args.overrides, f"data.path={data}", f"pretrain.out={visual.parent}"]))
+    else:
+        print(f"[2/7] reusing the pre-trained visual backbone {visual}")
     checkpoints = {}
-    for step, (name, dense) in enumerate((("lads", False), ("dense", True)), start=2):
+    for step, (name, dense) in enumerate((("lads", False), ("dense", True)), start=3):
         run_dir = out / name
         cfg = load_config(args.config, [f"train.max_minutes={MINUTES}", *args.overrides, f"data.path={data}",
-                                        f"train.out={run_dir}", f"model.dense={json.dumps(dense)}"])
+                                        f"model.visual.pretrained={visual}", f"train.out={run_dir}",
+                                        f"model.dense={json.dumps(dense)}"])
         done = _finished(run_dir)
-        print(f"[{step}/6] training {'the dense baseline' if dense else 'LADS'} in {run_dir}"
+        print(f"[{step}/7] training {'the dense baseline' if dense else 'LADS'} in {run_dir}"
               + (" (done already)" if done else ""))
         checkpoints[name] = run_dir / "checkpoint" if done else train(
             cfg, resume=str(run_dir) if (run_dir / "checkpoint").exists() else None
         )
-    print("[4/6] evaluating both on", ", ".join(SPLITS))
+    print("[5/7] evaluating both on", ", ".join(SPLITS))
     rows = evaluate_checkpoints([checkpoints["lads"], checkpoints["dense"]], str(data), SPLITS)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     table = markdown_table(rows)
     print(table)
-    print("[5/6] predicting on a few test images")
+    print("[6/7] predicting on a few test images")
     pictures = _predict_examples(checkpoints["lads"], data, out / "predictions")
-    print("[6/6] drawing the subnets of the test expressions")
+    print("[7/7] drawing the subnets of the test expressions")
     analysis = _analyze(checkpoints["lads"], data, out / "analysis")
     report = _report(out, table, rows, pictures, analysis, time.time() - started)
     print(f"report: {report}")

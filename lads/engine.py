@@ -419,6 +419,7 @@ def load_model(checkpoint, device=None):
     folder, saved, _ = read_meta(checkpoint)
     cfg = config_from_dict(saved)
     built = copy.deepcopy(cfg.model)
+    built.visual.pretrained = None  # the checkpoint's weights replace the starting point
     if (folder / TEXT).exists():  # the checkpoint carries its tokenizer and BERT config
         built.text.name, built.text.pretrained = str(folder / TEXT), False
     model = LADS(built)

@@ -42,8 +42,10 @@ def group_by_pattern(gates: Gates) -> dict[bytes, list[int]]:
 class SubnetRunner:
     """Ground a batch of expressions with dense, masked or extracted networks.
 
-    ``SubnetRunner(model, cache_size=32, fold_bn=True)``; ``model`` must be in eval mode; batch
-    norm is folded into the subnets' convolutions unless ``fold_bn=False``.
+    ``SubnetRunner(model, cache_size=32, fold_bn=True, channels_last=True)``; ``model`` must be
+    in eval mode; batch norm is folded into the subnets' convolutions unless ``fold_bn=False``,
+    and subnets run in the NHWC memory format unless ``channels_last=False`` (faster convolutions
+    on CPUs and GPUs: benchmarks/README.md).
     ``cache_size`` subnets are kept (least recently used evicted; 0: none kept). The cache holds
     copies of the weights: call :meth:`clear` after the model's weights change.
 
@@ -60,12 +62,13 @@ class SubnetRunner:
     - ``cache``: ``{"hits": n, "misses": n}`` for this call.
     """
 
-    def __init__(self, model, cache_size: int = 32, fold_bn: bool = True):
+    def __init__(self, model, cache_size: int = 32, fold_bn: bool = True, channels_last: bool = True):
         if cache_size < 0:
             raise LadsError(f"cache_size must be >= 0, got {cache_size}")
         self.model = model
         self.cache_size = cache_size
         self.fold_bn = fold_bn
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.cache: OrderedDict[bytes, Subnet] = OrderedDict()
 
     def clear(self):
@@ -76,7 +79,7 @@ class SubnetRunner:
         if key in self.cache:
             self.cache.move_to_end(key)
             return self.cache[key], True
-        subnet = extract_subnet(self.model, gates, self.fold_bn)
+        subnet = extract_subnet(self.model, gates, self.fold_bn).to(memory_format=self.memory_format)
         if self.cache_size:
             self.cache[key] = subnet
             while len(self.cache) > self.cache_size:
@@ -107,6 +110,7 @@ class SubnetRunner:
         if mode == "subnet":
             groups = group_by_pattern(gates)
             boxes = images.new_empty(len(images), 4)
+            images = images.contiguous(memory_format=self.memory_format)
             for key, rows in groups.items():
                 subnet, hit = self.subnet(key, gates.map(lambda g: g[rows[:1]]))
                 hits, misses = hits + hit, misses + (not hit)

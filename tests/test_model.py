@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 
 import pytest
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -286,3 +288,23 @@ def test_a_few_dozen_steps_drive_the_loss_down(make_tiny):
     final = box_loss()
     print(f"L1+GIoU {initial:.3f} -> {final:.3f}")
     assert final < 0.4 * initial, (initial, final)
+
+
+def test_positions_are_fractions_of_the_padded_square():
+    """The same cell has the same embedding whatever the letterbox padding (boxes are fractions
+    of the padded square too); values follow DETR's sine formula, written out here in float64."""
+    from lads.models.fusion import sine_position_embedding
+
+    h, w, dim = 4, 6, 8
+    masks = torch.zeros(2, h, w, dtype=torch.bool)
+    masks[1, 3:] = True  # a wide image: the last row is padding
+    masks[1, :, 5:] = True
+    pos = sine_position_embedding(masks, dim)
+    assert pos.shape == (2, h * w, dim)
+    torch.testing.assert_close(pos[0], pos[1])
+    i, j = 2, 3  # row, column
+    y, x = 2 * math.pi * (i + 1) / h, 2 * math.pi * (j + 1) / w
+    freq = [10000 ** (2 * (k // 2) / (dim // 2)) for k in range(dim // 2)]
+    half = lambda v: [math.sin(v / freq[k]) if k % 2 == 0 else math.cos(v / freq[k]) for k in range(dim // 2)]  # noqa: E731
+    expected = torch.tensor(half(y) + half(x), dtype=torch.float64)
+    torch.testing.assert_close(pos[0, i * w + j].double(), expected, atol=1e-6, rtol=0)

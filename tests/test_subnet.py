@@ -199,6 +199,9 @@ def test_runner_groups_caches_and_matches_masked(make_model):
     small(images, pixel_mask, input_ids, attention_mask)
     assert len(small.cache) == 2
 
+    nchw = SubnetRunner(model, fold_bn=False, channels_last=False)(images, pixel_mask, input_ids, attention_mask)
+    torch.testing.assert_close(nchw["boxes"], out["boxes"], atol=ATOL, rtol=0)
+
 
 def test_bad_gates_and_modes_refused(make_model):
     model = make_model("tiny")

@@ -66,7 +66,7 @@ def split_bys(folder: Path) -> list[str]:
     return sorted(found, key=lambda s: (rank.get(s, len(rank)), s))
 
 
-def _instances(path: Path):
+def read_instances(path: Path):
     """``(annotations by id, images by id)`` from a COCO ``instances.json``."""
     try:
         data = json.loads(path.read_text())
@@ -91,7 +91,7 @@ def read(folder: Path, collector: Collector, *, split_by=None, image_root=None) 
     wanted = [r for r in refs if collector.wants(str(r.get("split")))]
     if not wanted:
         return splits
-    annotations, images = _instances(folder / "instances.json")
+    annotations, images = read_instances(folder / "instances.json")
     image_root = Path(image_root) if image_root is not None else folder / "images"
     for ref in wanted:
         where = f"{refs_path} ref {ref.get('ref_id')}"

@@ -18,19 +18,23 @@ from torch import nn
 
 
 def sine_position_embedding(mask: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
-    """2-D sine embedding (DETR) of a (B, h, w) pad mask (True = padding) -> (B, h·w, dim)."""
-    not_mask = (~mask).float()
-    y = not_mask.cumsum(1)
-    x = not_mask.cumsum(2)
-    eps, scale = 1e-6, 2 * math.pi
-    y = y / (y[:, -1:, :] + eps) * scale
-    x = x / (x[:, :, -1:] + eps) * scale
+    """2-D sine embedding (DETR) of the cells of a (B, h, w) grid -> (B, h·w, dim).
+
+    Positions are fractions of the padded square, ``2π·(i + 1)/h``, the frame in which boxes
+    are normalised. (DETR divides by the unpadded extent because its boxes are fractions of the
+    unpadded image; with letterboxed inputs and square-normalised boxes that would give the same
+    cell a different position in every image of another aspect ratio.)
+    """
+    b, h, w = mask.shape
+    scale = 2 * math.pi
+    y = (torch.arange(1, h + 1, device=mask.device, dtype=torch.float32) / h * scale)[:, None].expand(h, w)
+    x = (torch.arange(1, w + 1, device=mask.device, dtype=torch.float32) / w * scale)[None, :].expand(h, w)
     half = dim // 2
     freq = temperature ** (2 * (torch.arange(half, device=mask.device) // 2) / half)
     px, py = x[..., None] / freq, y[..., None] / freq
-    px = torch.stack((px[..., 0::2].sin(), px[..., 1::2].cos()), dim=4).flatten(3)
-    py = torch.stack((py[..., 0::2].sin(), py[..., 1::2].cos()), dim=4).flatten(3)
-    return torch.cat((py, px), dim=3).flatten(1, 2)
+    px = torch.stack((px[..., 0::2].sin(), px[..., 1::2].cos()), dim=3).flatten(2)
+    py = torch.stack((py[..., 0::2].sin(), py[..., 1::2].cos()), dim=3).flatten(2)
+    return torch.cat((py, px), dim=2).flatten(0, 1)[None].expand(b, h * w, dim)
 
 
 class GatedEncoderLayer(nn.Module):
