@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 import numpy as np
+import torch
 
 from lads.models.gating import GateLayout
 
@@ -104,49 +105,27 @@ def stage_first_blocks(layout: GateLayout) -> list[int]:
 # ----------------------------------------------------------------------------- FLOPs
 
 
-def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel) // stride + 1
-
-
-def subnet_flops(model, layer, filt, text_tokens) -> np.ndarray:
-    """FLOPs (2 × multiply-adds) of the visual backbone, interaction module and box head of each
-    subnet at the model's image size: convolutions and linear layers as
-    ``torch.utils.flop_counter`` counts them, plus the attention products QKᵀ and AV (which it
-    misses on PyTorch's fused attention path). A skipped block costs nothing; a closed filter
-    removes its share of conv2 and conv3. ``text_tokens``: (N,) tokens per expression, [CLS] in.
-    """
-    cfg, layout = model.config, model.layout
-    v, f = cfg.visual, cfg.fusion
-    runs = candidate_runs(np.asarray(layer, float), layout)
-    kept = np.stack([np.asarray(filt, float)[:, s].sum(1) for s in layout.filter_slices], 1)
-    size = _conv_out(cfg.image_size, 7, 2, 3)
-    total = np.full(runs.shape[0], size * size * 3 * v.width * 49, float)
-    size = _conv_out(size, 3, 2, 1)  # max pool
-    inplanes = v.width
-    for i, c in enumerate(layout.candidates[: layout.num_visual]):
-        stage, index = (int(x) for x in c.name.removeprefix("layer").split("."))
-        planes = c.filters
-        strided = index == 0 and stage > 1 and not (v.dilation and stage == 4)
-        out = _conv_out(size, 3, 2, 1) if strided else size
-        macs = size * size * inplanes * planes + out * out * kept[:, i] * planes * (9 + 4)
-        if index == 0:
-            macs = macs + out * out * inplanes * planes * 4
-        total += runs[:, i] * macs
-        size, inplanes = out, planes * 4
-    d, text_dim = f.d_model, model.text_backbone.hidden_size
-    tokens = np.asarray(text_tokens, float) + size * size
-    total += size * size * inplanes * d + np.asarray(text_tokens, float) * text_dim * d  # projections
-    sub = runs[:, layout.num_visual :]
-    total += (sub[:, 0::2] * (4 * tokens * d * d + 2 * tokens**2 * d)[:, None]).sum(1)  # MHSA
-    total += (sub[:, 1::2] * (2 * tokens * d * f.ffn_dim)[:, None]).sum(1)  # FFN
-    total += 2 * d * d + 4 * d  # box head on [CLS]
-    return 2 * total
-
-
 def kept_flops_fraction(model, layer, filt, text_tokens) -> np.ndarray:
-    """(N,) FLOPs of each subnet over those of the dense network on the same expression."""
-    dense = subnet_flops(model, np.ones_like(layer), np.ones_like(filt), text_tokens)
-    return subnet_flops(model, layer, filt, text_tokens) / dense
+    """(N,) FLOPs of each expression's extracted subnet over those of the all-open one, at the
+    model's image size and the expression's token count: ``Subnet.analytic_flops``, the count
+    that the subnet tests check against ``FlopCounterMode``. Subnets are extracted once per gate
+    pattern; ``model`` must be in eval mode."""
+    from lads.inference import gate_key
+    from lads.models.gating import Gates
+    from lads.models.subnet import extract_subnet
+
+    size = model.config.image_size
+    gates = Gates(torch.as_tensor(np.asarray(layer, np.float32)), torch.as_tensor(np.asarray(filt, np.float32)))
+    dense = extract_subnet(model, gates.map(lambda g: torch.ones_like(g[0])))
+    subnets: dict[bytes, object] = {}
+    fractions = np.empty(len(gates))
+    for i, tokens in enumerate(int(t) for t in text_tokens):
+        key = gate_key(gates, i)
+        if key not in subnets:
+            subnets[key] = extract_subnet(model, gates.map(lambda g: g[i]))
+        kept = subnets[key].analytic_flops(1, size, size, tokens)["total"]
+        fractions[i] = kept / dense.analytic_flops(1, size, size, tokens)["total"]
+    return fractions
 
 
 # ----------------------------------------------------------------------------- words (Fig. 7)
