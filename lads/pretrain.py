@@ -53,7 +53,7 @@ class ObjectScenes(Dataset):
                 f"data.path {folder}: lads pretrain needs a REFER folder (refs(<splitBy>).p and "
                 "instances.json), for the boxes of every object"
             )
-        refs = refer.read_pickle(folder / f"refs({split_by or refer.split_bys(folder)[0]}).p")
+        _, refs = refer.read_refs(folder, split_by)
         wanted = {r["image_id"] for r in refs if str(r.get("split")) == split}
         if not wanted:
             raise LadsError(f"data.path {folder}: no ref in split {split!r}")
@@ -102,7 +102,6 @@ class CentreHead(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: list[int], hidden: int = 128, prior: float = 0.1):
         super().__init__()
-        self.num_classes = list(num_classes)
         self.body = nn.Sequential(nn.Conv2d(in_channels, hidden, 3, padding=1), nn.ReLU(inplace=True))
         self.out = nn.Conv2d(hidden, 5 + sum(num_classes), 1)
         nn.init.constant_(self.out.bias[:1], -torch.log(torch.tensor((1 - prior) / prior)).item())
@@ -185,8 +184,12 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
     names = {f"acc_{k}": f"acc_{name}" for k, name in enumerate(dataset.heads)}
     bar = tqdm(total=p.steps, desc="pretrain", unit="step", disable=not progress, dynamic_ncols=True)
     step, start, record = 0, time.time(), {}
+
+    def done() -> bool:
+        return step >= p.steps or time.time() - start >= 60 * p.max_minutes
+
     backbone.train()
-    while step < p.steps and time.time() - start < 60 * p.max_minutes:
+    while not done():
         for images, objects in loader:
             features = backbone(images)
             targets = centre_targets(objects, features.shape[-1], len(dataset.heads))
@@ -202,7 +205,7 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
                           "elapsed_s": round(time.time() - start, 1)}
                 log.write(record)
                 bar.set_postfix(loss=f"{terms['loss'].item():.3f}")
-            if step >= p.steps or time.time() - start >= 60 * p.max_minutes:
+            if done():
                 break
     bar.close()
     log.close()
@@ -220,17 +223,13 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
 
 
 def add_arguments(parser):
-    parser.add_argument("--config", default="tiny", help="preset name or JSON config file (default: tiny)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. pretrain.max_minutes=2 (repeatable)")
-    parser.add_argument("--data", help="shortcut for --set data.path=PATH (a REFER folder)")
-    parser.add_argument("--out", help="shortcut for --set pretrain.out=DIR")
+    from lads.cli import add_config_arguments
+
+    add_config_arguments(parser, "pretrain.out")
 
 
 def run(args):
+    from lads.cli import config_overrides
     from lads.config import load_config
 
-    overrides = list(args.overrides)
-    overrides += [f"data.path={args.data}"] if args.data else []
-    overrides += [f"pretrain.out={args.out}"] if args.out else []
-    pretrain(load_config(args.config, overrides))
+    pretrain(load_config(args.config, config_overrides(args, "pretrain.out")))

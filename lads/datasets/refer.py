@@ -77,16 +77,23 @@ def read_instances(path: Path):
         raise LadsError(f"{path}: not a COCO instances file ({type(e).__name__}: {e})") from None
 
 
-def read(folder: Path, collector: Collector, *, split_by=None, image_root=None) -> set[str]:
-    """Add the records of ``folder`` to ``collector``; return every split the data has."""
+def read_refs(folder: Path, split_by=None) -> tuple[Path, list[dict]]:
+    """``(path, refs)`` of ``folder``'s ``refs(<split_by>).p`` (default: the preferred splitBy
+    present), checked to be a list of dicts."""
     available = split_bys(folder)
-    split_by = split_by or available[0]
+    split_by = split_by or (available[0] if available else SPLIT_BY_PREFERENCE[0])
     refs_path = folder / f"refs({split_by}).p"
     if split_by not in available:
-        raise LadsError(f"{refs_path}: no such file; splitBy choices here: {', '.join(available)}")
+        raise LadsError(f"{refs_path}: no such file; splitBy choices here: {', '.join(available) or 'none'}")
     refs = read_pickle(refs_path)
     if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
         raise LadsError(f"{refs_path}: expected a list of refs (dicts)")
+    return refs_path, refs
+
+
+def read(folder: Path, collector: Collector, *, split_by=None, image_root=None) -> set[str]:
+    """Add the records of ``folder`` to ``collector``; return every split the data has."""
+    refs_path, refs = read_refs(folder, split_by)
     splits = {str(r.get("split")) for r in refs}
     wanted = [r for r in refs if collector.wants(str(r.get("split")))]
     if not wanted:
