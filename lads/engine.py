@@ -191,7 +191,7 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
         )
     accumulation = t.batch_size // (world * t.micro_batch)
     torch.manual_seed(t.seed)
-    model = (model or LADS(cfg.model)).to(device)
+    model = (model or LADS(restored_model_config(cfg.model) if resume else cfg.model)).to(device)
     tokenizer = load_tokenizer(cfg.model.text.name)
     dataset = SeededSamples(load_split(cfg, cfg.data.train_split, True, tokenizer), t.seed)
     steps_per_epoch = len(dataset) // t.batch_size
@@ -412,14 +412,21 @@ def _kept(model, gates, j) -> dict:
     return {"layers": kept["visual_layers"] + kept["fusion_sublayers"], "filters": kept["filters"]}
 
 
+def restored_model_config(model_cfg):
+    """``model_cfg`` for a model whose weights come from a checkpoint: no starting weights to
+    read (``model.visual.pretrained`` stays in the saved config as the run's origin)."""
+    built = copy.deepcopy(model_cfg)
+    built.visual.pretrained = None
+    return built
+
+
 def load_model(checkpoint, device=None):
     """(model in eval mode, Config) from a checkpoint folder."""
     from lads.models import LADS
 
     folder, saved, _ = read_meta(checkpoint)
     cfg = config_from_dict(saved)
-    built = copy.deepcopy(cfg.model)
-    built.visual.pretrained = None  # the checkpoint's weights replace the starting point
+    built = restored_model_config(cfg.model)
     if (folder / TEXT).exists():  # the checkpoint carries its tokenizer and BERT config
         built.text.name, built.text.pretrained = str(folder / TEXT), False
     model = LADS(built)
