@@ -67,11 +67,10 @@ class GatingConfig:
 
 @dataclass
 class LossConfig:
-    """Weights of Eq. 9, and of one term beyond the paper (0: the paper's objective)."""
+    """Weights of Eq. 9."""
 
     giou: float = 1.0
     mi: float = 0.1
-    attention: float = 0.0  # −log of the last layer's [CLS] attention on the target's centre cell
 
 
 @dataclass

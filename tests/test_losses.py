@@ -1,4 +1,4 @@
-"""The training objective (Eq. 9): mutual information (Eq. 8), L1 and GIoU; the attention term."""
+"""The training objective (Eq. 9): mutual information (Eq. 8), L1 and GIoU."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from lads.models import Gates
 from lads.models.losses import (
-    attention_loss, binary_entropy, gate_mutual_information, giou_loss, l1_loss, lads_loss, mutual_information,
+    binary_entropy, gate_mutual_information, giou_loss, l1_loss, lads_loss, mutual_information,
 )
 from lads.util.box_ops import box_iou, cxcywh_to_xyxy, generalized_box_iou, xyxy_to_cxcywh
 
@@ -160,21 +160,3 @@ def test_lads_loss_combines_the_terms_as_eq9():
     assert terms["loss"].item() == pytest.approx(want.item(), rel=1e-6)
     assert terms["mi"].item() > 0
     assert set(lads_loss(pred, target, None)) == {"l1", "giou", "loss"}
-
-
-def test_attention_loss_is_minus_log_of_the_centre_cell():
-    """On a 4 × 5 grid, centre (0.3, 0.8) lies in row 3, column 1; (0.99, 0.0) in row 0, column 4."""
-    a = torch.softmax(torch.randn(2, 23, dtype=torch.float64), 1)[:, 3:].reshape(2, 4, 5)  # 3 text tokens
-    target = torch.tensor([[0.3, 0.8, 0.1, 0.2], [0.99, 0.0, 0.05, 0.05]], dtype=torch.float64)
-    want = -(math.log(a[0, 3, 1].item()) + math.log(a[1, 0, 4].item())) / 2
-    assert attention_loss(a, target).item() == pytest.approx(want, rel=1e-12)
-
-
-def test_attention_term_is_added_with_its_weight():
-    pred = torch.tensor([[0.5, 0.5, 0.2, 0.2]])
-    target = torch.tensor([[0.45, 0.5, 0.3, 0.2]])
-    a = torch.full((1, 2, 2), 0.2)
-    terms = lads_loss(pred, target, None, attention=a, attention_weight=0.5)
-    assert terms["attention"].item() == pytest.approx(-math.log(0.2))
-    want = l1_loss(pred, target) + giou_loss(pred, target) + 0.5 * terms["attention"]
-    assert terms["loss"].item() == pytest.approx(want.item(), rel=1e-6)

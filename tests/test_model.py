@@ -152,11 +152,11 @@ def test_closed_fusion_sublayer_is_exact_identity(tiny_model):
     mask[0, -2:] = True
     zero, one = torch.zeros(2), torch.ones(2)
     with torch.no_grad():
-        assert torch.equal(layer(x, pos, mask, zero, zero)[0], x)
-        assert torch.equal(layer(x, pos, mask, zero, one)[0], x + layer.ffn_block(x))
-        after_attn = x + layer.attn_block(x, pos, mask)[0]
-        assert torch.equal(layer(x, pos, mask, one, zero)[0], after_attn)
-        assert not torch.allclose(layer(x, pos, mask, one, one)[0], x)
+        assert torch.equal(layer(x, pos, mask, zero, zero), x)
+        assert torch.equal(layer(x, pos, mask, zero, one), x + layer.ffn_block(x))
+        after_attn = x + layer.attn_block(x, pos, mask)
+        assert torch.equal(layer(x, pos, mask, one, zero), after_attn)
+        assert not torch.allclose(layer(x, pos, mask, one, one), x)
 
 
 def all_open(model, batch: int) -> Gates:
@@ -210,7 +210,7 @@ def masked_reference(model, images, pixel_mask, ids, mask, gates: Gates):
     vmask = F.interpolate(pixel_mask[:, None].float(), size=x.shape[-2:]).bool()[:, 0]
     t, pos, kpm = fusion.tokens(x, vmask, text, text_mask)
     for layer in fusion.layers:
-        t = t + gates.layer[:, lg, None, None] * layer.attn_block(t, pos, kpm)[0]
+        t = t + gates.layer[:, lg, None, None] * layer.attn_block(t, pos, kpm)
         t = t + gates.layer[:, lg + 1, None, None] * layer.ffn_block(t)
         lg += 2
     assert (lg, fg) == (gates.layer.shape[1], gates.filter.shape[1])
@@ -255,50 +255,6 @@ def test_dense_config_equals_all_gates_open(make_tiny, tiny_model):
         want = tiny_model(images, pixel_mask, ids, mask, gates=all_open(tiny_model, 2))["boxes"]
     assert got["soft"] is None and "mi" not in dense.loss(got, torch.full((2, 4), 0.5))
     torch.testing.assert_close(got["boxes"], want, rtol=0, atol=0)
-
-
-def test_cls_attention_matches_explicit_softmax(tiny_model):
-    """The last layer's [CLS] attention on the cells: softmax(q·k/√d_h) over the unmasked
-    sequence, averaged over heads, written out from the in-projection weights."""
-    images, pixel_mask, ids, mask = make_batch(batch=2, seed=4)
-    fusion = tiny_model.fusion
-    with torch.no_grad():
-        text, text_mask = tiny_model.text_backbone(ids, mask)
-        visual = tiny_model.visual_backbone(images)
-        vmask = F.interpolate(pixel_mask[:, None].float(), size=visual.shape[-2:]).bool()[:, 0]
-        fused, got = fusion(visual, vmask, text, text_mask, return_attention=True)
-        torch.testing.assert_close(fused, fusion(visual, vmask, text, text_mask), rtol=1e-5, atol=1e-5)
-        x, pos, kpm = fusion.tokens(visual, vmask, text, text_mask)
-        for layer in fusion.layers[:-1]:
-            x = layer(x, pos, kpm)[0]
-        last = fusion.layers[-1]
-        h = last.norm1(x) + pos
-        w, b = last.self_attn.in_proj_weight, last.self_attn.in_proj_bias
-        d, heads = fusion.d_model, last.self_attn.num_heads
-        q = (h[:, :1] @ w[:d].T + b[:d]).unflatten(-1, (heads, -1))
-        k = (h @ w[d:2 * d].T + b[d:2 * d]).unflatten(-1, (heads, -1))
-        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // heads)
-        want = scores.masked_fill(kpm[:, None, None], -math.inf).softmax(-1).mean(1)[:, 0, text.shape[1]:]
-    assert got.shape == (2, *visual.shape[-2:])
-    torch.testing.assert_close(got.flatten(1), want, rtol=1e-5, atol=1e-6)
-    assert (got.flatten(1)[vmask.flatten(1)] == 0).all()
-
-
-def test_attention_term_only_where_weighted_and_training(make_tiny):
-    """``loss.attention > 0``: training outputs carry the attention and the loss its term;
-    in eval, or with weight 0 (the paper's Eq. 9), neither."""
-    images, pixel_mask, ids, mask = make_batch(batch=2, seed=5)
-    target = torch.tensor([[0.3, 0.4, 0.2, 0.2], [0.7, 0.2, 0.1, 0.3]])
-    model = make_tiny("model.loss.attention=0.5").train()
-    out = model(images, pixel_mask, ids, mask)
-    assert out["attention"].shape[0] == 2 and (out["attention"].flatten(1).sum(1) <= 1 + 1e-6).all()
-    terms = model.loss(out, target)
-    terms["loss"].backward()
-    assert terms["attention"] > 0 and model.fusion.layers[-1].self_attn.in_proj_weight.grad.abs().sum() > 0
-    assert model.eval()(images, pixel_mask, ids, mask)["attention"] is None
-    paper = make_tiny("model.loss.attention=0").train()
-    out = paper(images, pixel_mask, ids, mask)
-    assert out["attention"] is None and "attention" not in paper.loss(out, target)
 
 
 # ----------------------------------------------------------------------------- optimisation

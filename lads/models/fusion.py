@@ -51,23 +51,21 @@ class GatedEncoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
 
-    def attn_block(self, x, pos, key_padding_mask, need_weights=False):
-        """MHSA(LN(x)) and, with ``need_weights``, the head-averaged attention of token 0."""
+    def attn_block(self, x, pos, key_padding_mask):
         h = self.norm1(x)
         q = k = h + pos
-        h, weights = self.self_attn(q, k, h, key_padding_mask=key_padding_mask, need_weights=need_weights)
-        return self.dropout1(h), (None if weights is None else weights[:, 0])
+        h = self.self_attn(q, k, h, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        return self.dropout1(h)
 
     def ffn_block(self, x):
         h = self.linear2(self.dropout(F.relu(self.linear1(self.norm2(x)))))
         return self.dropout2(h)
 
-    def forward(self, x, pos, key_padding_mask, gate_attn=None, gate_ffn=None, need_weights=False):
-        """The new tokens and (``need_weights``) token 0's attention over the sequence, else None."""
-        h, weights = self.attn_block(x, pos, key_padding_mask, need_weights)
+    def forward(self, x, pos, key_padding_mask, gate_attn=None, gate_ffn=None):
+        h = self.attn_block(x, pos, key_padding_mask)
         x = x + (h if gate_attn is None else gate_attn[:, None, None] * h)
         h = self.ffn_block(x)
-        return x + (h if gate_ffn is None else gate_ffn[:, None, None] * h), weights
+        return x + (h if gate_ffn is None else gate_ffn[:, None, None] * h)
 
 
 class ModalityInteraction(nn.Module):
@@ -94,18 +92,10 @@ class ModalityInteraction(nn.Module):
         key_padding_mask = torch.cat((~text_mask, visual_mask.flatten(1)), dim=1)
         return x + pos, pos, key_padding_mask
 
-    def forward(self, visual, visual_mask, text, text_mask, gates=None, return_attention=False):
-        """``gates``: a list of 2·M per-sublayer gates (attn, ffn, attn, …), or None (open).
-
-        With ``return_attention``, also the last layer's head-averaged ``[CLS]`` attention on the
-        visual cells, (B, h, w) (the rest of its mass is on the text tokens).
-        """
+    def forward(self, visual, visual_mask, text, text_mask, gates=None):
+        """``gates``: a list of 2·M per-sublayer gates (attn, ffn, attn, …), or None (open)."""
         x, pos, key_padding_mask = self.tokens(visual, visual_mask, text, text_mask)
-        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             g_attn, g_ffn = (None, None) if gates is None else (gates[2 * i], gates[2 * i + 1])
-            x, weights = layer(x, pos, key_padding_mask, g_attn, g_ffn, need_weights=return_attention and i == last)
-        fused = self.norm(x[:, 0])
-        if not return_attention:
-            return fused
-        return fused, weights[:, text.shape[1]:].unflatten(1, visual.shape[-2:])
+            x = layer(x, pos, key_padding_mask, g_attn, g_ffn)
+        return self.norm(x[:, 0])

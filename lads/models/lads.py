@@ -67,17 +67,14 @@ class LADS(nn.Module):
         filt, filt_soft = binary_gates(relevance.filter, training, gran)
         return Gates(layer, filt), Gates(layer_soft, filt_soft), relevance, alpha
 
-    def ground(self, images, pixel_mask, text, text_mask, gates: Gates | None, return_attention=False):
-        """The REC supernet with the given gates (None: every gate open) -> boxes (B, 4), and
-        with ``return_attention`` the last fusion layer's ``[CLS]`` attention on the cells."""
+    def ground(self, images, pixel_mask, text, text_mask, gates: Gates | None):
+        """The REC supernet with the given gates (None: every gate open) -> boxes (B, 4)."""
         layer_gates = filter_gates = fusion_gates = None
         if gates is not None:
             layer_gates, filter_gates, fusion_gates = self.layout.split(gates)
         visual = self.visual_backbone(images, layer_gates, filter_gates)
         visual_mask = downsample_mask(pixel_mask, visual.shape[-2:])
-        fused = self.fusion(visual, visual_mask, text, text_mask, fusion_gates, return_attention)
-        if return_attention:
-            return self.head(fused[0]), fused[1]
+        fused = self.fusion(visual, visual_mask, text, text_mask, fusion_gates)
         return self.head(fused)
 
     def forward(self, images, pixel_mask, input_ids, attention_mask, gates: Gates | None = None):
@@ -87,15 +84,12 @@ class LADS(nn.Module):
         """
         check_inputs(images, pixel_mask, input_ids, attention_mask)
         text, text_mask = self.encode_text(input_ids, attention_mask)
-        out = {"gates": gates, "soft": None, "relevance": None, "alpha": None, "attention": None}
+        out = {"gates": gates, "soft": None, "relevance": None, "alpha": None}
         if gates is None and self.gating is not None:
             out["gates"], out["soft"], out["relevance"], out["alpha"] = self.gates(text, text_mask)
         elif gates is not None:
             check_gates(gates, self.layout, images.shape[0])
-        if self.training and self.config.loss.attention > 0:
-            out["boxes"], out["attention"] = self.ground(images, pixel_mask, text, text_mask, out["gates"], True)
-        else:
-            out["boxes"] = self.ground(images, pixel_mask, text, text_mask, out["gates"])
+        out["boxes"] = self.ground(images, pixel_mask, text, text_mask, out["gates"])
         return out
 
     def extract_subnet(self, gates: Gates, fold_bn: bool = False):
@@ -108,10 +102,9 @@ class LADS(nn.Module):
         return extract_subnet(self, gates, fold_bn)
 
     def loss(self, outputs, target_boxes):
-        """Eq. 9 on the outputs of ``forward`` (+ the attention term where it is weighted)."""
+        """Eq. 9 on the outputs of ``forward``."""
         w = self.config.loss
-        return lads_loss(outputs["boxes"], target_boxes, outputs["soft"], w.giou, w.mi,
-                         outputs.get("attention"), w.attention)
+        return lads_loss(outputs["boxes"], target_boxes, outputs["soft"], w.giou, w.mi)
 
     @classmethod
     def from_pretrained(cls, path, device=None) -> "LADS":

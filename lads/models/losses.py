@@ -1,9 +1,4 @@
-"""Training objective (Eq. 9): L1 + λ_giou (1 − GIoU) − λ_mi I(G; F_l) (Eq. 8).
-
-Beyond the paper, ``+ λ_att L_att`` (``loss.attention``, 0 by default): the fused ``[CLS]`` has to
-learn where to look only through the box it regresses, which takes far longer than a short CPU
-run (README, "The main job"); ``L_att`` tells it directly, from the target box alone.
-"""
+"""Training objective (Eq. 9): L1 + λ_giou (1 − GIoU) − λ_mi I(G; F_l) (Eq. 8)."""
 
 from __future__ import annotations
 
@@ -42,26 +37,12 @@ def giou_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1 - generalized_box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(target))).mean()
 
 
-def attention_loss(attention: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of −log a(c), ``a`` (B, h, w) the ``[CLS]`` attention on the cells of
-    the padded square and ``c`` the cell holding the target box centre (cx, cy, w, h)."""
-    b, h, w = attention.shape
-    row = (target[:, 1] * h).long().clamp(0, h - 1)
-    col = (target[:, 0] * w).long().clamp(0, w - 1)
-    return -attention[torch.arange(b, device=attention.device), row, col].clamp_min(1e-6).log().mean()
-
-
-def lads_loss(pred, target, soft: Gates | None, giou_weight: float = 1.0, mi_weight: float = 0.1,
-              attention: torch.Tensor | None = None, attention_weight: float = 0.0):
-    """Eq. 9. Returns the total and its terms; the MI term is absent for the dense network, the
-    attention term where ``attention`` is None."""
+def lads_loss(pred, target, soft: Gates | None, giou_weight: float = 1.0, mi_weight: float = 0.1):
+    """Eq. 9. Returns the total and its terms; the MI term is absent for the dense network."""
     terms = {"l1": l1_loss(pred, target), "giou": giou_loss(pred, target)}
     total = terms["l1"] + giou_weight * terms["giou"]
     if soft is not None:
         terms["mi"] = gate_mutual_information(soft)
         total = total - mi_weight * terms["mi"]
-    if attention is not None:
-        terms["attention"] = attention_loss(attention, target)
-        total = total + attention_weight * terms["attention"]
     terms["loss"] = total
     return terms

@@ -138,7 +138,7 @@ class FusionSublayer(nn.Module):
 
     def forward(self, x, pos, key_padding_mask):
         if self.kind == "attn":
-            return x + GatedEncoderLayer.attn_block(self, x, pos, key_padding_mask)[0]
+            return x + GatedEncoderLayer.attn_block(self, x, pos, key_padding_mask)
         return x + GatedEncoderLayer.ffn_block(self, x)
 
 
