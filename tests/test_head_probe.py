@@ -1,0 +1,46 @@
+"""benchmarks/head_probe.py: the cell indexing by hand, and a short run end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from helpers import engine_overrides
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "head_probe.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("head_probe", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_centre_cell_by_hand():
+    """On a 4 × 5 grid, centre (0.3, 0.8) is row 3, column 1 -> 16; (0.99, 0.0) -> 4; 1.0 clamps."""
+    probe = load_script()
+    boxes = torch.tensor([[0.3, 0.8, 0.1, 0.1], [0.99, 0.0, 0.1, 0.1], [1.0, 1.0, 0.1, 0.1]])
+    assert probe.centre_cell(boxes, 4, 5).tolist() == [16, 4, 19]
+
+
+def test_short_run_writes_three_probes(tmp_path, tiny_text_dir, synth_data):
+    out = tmp_path / "probe"
+    overrides = [o for o in engine_overrides(tiny_text_dir, synth_data, tmp_path / "unused") if o.startswith("model.")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(SCRIPT.parents[1])}
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--data", synth_data, "--pretrained", "none", "--seconds", "1",
+         "--out", str(out), *(a for o in overrides for a in ("--set", o))],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads((out / "probe.json").read_text())
+    assert [p["probe"] for p in result["probes"]] == ["box", "oracle", "cells"]
+    assert all(p["steps"] >= 1 and 0 <= p["val"] <= 1 for p in result["probes"])
+    assert -1 <= result["text"]["cls_mean_cosine"] <= 1 + 1e-6
+    assert len((out / "probe.md").read_text().splitlines()) == 2 + 3
