@@ -19,6 +19,7 @@ Also printed: how much the text ``[CLS]`` output varies across expressions.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lads.cli import add_config_arguments, config_overrides
 from lads.config import load_config
 from lads.datasets.dataset import collate
 from lads.engine import load_split
@@ -64,7 +66,7 @@ class Probe(torch.nn.Module):
 
     def __init__(self, kind, model):
         super().__init__()
-        self.kind, self.fusion, self.head = kind, model.fusion, model.head
+        self.kind, self.fusion, self.head = kind, copy.deepcopy(model.fusion), copy.deepcopy(model.head)
         if kind == "cells":
             d, d_l, c = model.fusion.d_model, model.text_backbone.hidden_size, model.visual_backbone.num_channels
             self.query = torch.nn.Sequential(torch.nn.Linear(d_l, 2 * d), torch.nn.ReLU(), torch.nn.Linear(2 * d, d))
@@ -99,9 +101,9 @@ class Probe(torch.nn.Module):
         return loss, self.score(out.detach(), box, hw)
 
 
-def run_probe(kind, cfg, train, val, seconds, batch, lr):
+def run_probe(kind, model, train, val, seconds, batch, lr):
+    """Train a probe on fresh copies of ``model``'s fusion and head."""
     torch.manual_seed(0)
-    model = LADS(cfg.model)
     probe = Probe(kind, model)
     params = [p for p in probe.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
@@ -125,18 +127,16 @@ def run_probe(kind, cfg, train, val, seconds, batch, lr):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="runs/demo/data")
+    add_config_arguments(parser, None)
     parser.add_argument("--pretrained", default="runs/demo/pretrain/visual.safetensors",
                         help="visual.safetensors from lads pretrain; 'none' for a random backbone")
-    parser.add_argument("--config", default="tiny")
-    parser.add_argument("--seconds", type=float, default=120)
-    parser.add_argument("--out", default="benchmarks/head-probe")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. model.fusion.num_layers=2")
+    parser.add_argument("--seconds", type=float, default=120, help="training time of each probe")
+    parser.add_argument("--out", default="benchmarks/head-probe", help="folder for probe.md and probe.json")
     args = parser.parse_args()
     pretrained = "null" if args.pretrained == "none" else args.pretrained
-    cfg = load_config(args.config, [f"data.path={args.data}", f"model.visual.pretrained={pretrained}",
-                                    "model.dense=true", "data.augment=false", *args.overrides])
+    cfg = load_config(args.config, [f"model.visual.pretrained={pretrained}", "model.dense=true",
+                                    "data.augment=false", *config_overrides(args, None)])
+    torch.manual_seed(0)
     model = LADS(cfg.model).eval()
     tokenizer = load_tokenizer(cfg.model.text.name)
     started = time.time()
@@ -148,12 +148,12 @@ def main():
     print(f"text [CLS] across expressions: mean cosine {text['cls_mean_cosine']:.5f}")
     results = []
     for kind, batch in (("box", cfg.train.batch_size), ("oracle", 32), ("cells", 32)):
-        results.append(run_probe(kind, cfg, train, val, args.seconds, batch, cfg.train.lr if kind == "box" else 1e-3))
+        results.append(run_probe(kind, model, train, val, args.seconds, batch, cfg.train.lr if kind == "box" else 1e-3))
         print(json.dumps(results[-1]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe.json").write_text(json.dumps({"text": text, "probes": results, "config": args.config,
-                                                "data": args.data, "threads": torch.get_num_threads()}, indent=2))
+                                                "data": cfg.data.path, "threads": torch.get_num_threads()}, indent=2))
     lines = ["| probe | steps × batch | train (last 100 steps) | val |", "|---|---|---|---|"]
     lines += [f"| {r['probe']} | {r['steps']} × {r['batch']} | {100 * r['train_last_100']:.1f} % | {100 * r['val']:.1f} % |"
               for r in results]

@@ -24,20 +24,22 @@ COMMANDS = {
 }
 
 
-def add_config_arguments(parser, out_key: str) -> None:
-    """``--config``, ``--set``, ``--data``, ``--out``: the options of the commands that run a
-    config (``train``, ``pretrain``); ``--out`` sets ``out_key``."""
+def add_config_arguments(parser, out_key: str | None) -> None:
+    """``--config``, ``--set``, ``--data`` and, given ``out_key``, ``--out``: the options of the
+    commands that run a config (``train``, ``pretrain``, ``benchmarks/head_probe.py``); ``--out``
+    sets ``out_key``."""
     parser.add_argument("--config", default="tiny", help="preset name or JSON config file (default: tiny)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. train.epochs=10 (repeatable)")
     parser.add_argument("--data", help="shortcut for --set data.path=PATH")
-    parser.add_argument("--out", help=f"shortcut for --set {out_key}=DIR")
+    if out_key:
+        parser.add_argument("--out", help=f"shortcut for --set {out_key}=DIR")
 
 
-def config_overrides(args, out_key: str) -> list[str]:
-    """The ``--set`` values, then ``--data`` and ``--out`` as overrides."""
+def config_overrides(args, out_key: str | None) -> list[str]:
+    """The ``--set`` values, then ``--data`` and (given ``out_key``) ``--out`` as overrides."""
     return [*args.overrides, *([f"data.path={args.data}"] if args.data else []),
-            *([f"{out_key}={args.out}"] if args.out else [])]
+            *([f"{out_key}={args.out}"] if out_key and args.out else [])]
 
 
 def main(argv: list[str] | None = None) -> int:
