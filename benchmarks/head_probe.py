@@ -34,7 +34,7 @@ from lads.engine import load_split
 from lads.models import LADS
 from lads.models.backbone import downsample_mask
 from lads.models.fusion import sine_position_embedding
-from lads.models.losses import giou_loss, l1_loss
+from lads.models.losses import centre_cell, giou_loss, l1_loss
 from lads.models.text import load_tokenizer
 from lads.util.box_ops import box_iou, cxcywh_to_xyxy
 
@@ -56,11 +56,6 @@ def cache(model, cfg, split, tokenizer, batch=64):
     return [torch.cat(x) for x in zip(*parts)]
 
 
-def centre_cell(box, h, w) -> torch.Tensor:
-    """Index in the flattened h × w grid of the cell holding each (cx, cy, w, h) box's centre."""
-    return (box[:, 1] * h).long().clamp(0, h - 1) * w + (box[:, 0] * w).long().clamp(0, w - 1)
-
-
 class Probe(torch.nn.Module):
     """One of the three probes; ``forward`` gives (loss, training score) on a batch."""
 
@@ -76,10 +71,10 @@ class Probe(torch.nn.Module):
         """Boxes (box, oracle) or cell scores (cells)."""
         h, w = visual.shape[-2:]
         if self.kind == "box":
-            return self.head(self.fusion(visual, visual_mask, text, text_mask))
+            return self.head(self.fusion(visual, visual_mask, text, text_mask)[0][:, 0])
         if self.kind == "oracle":
             x, _, _ = self.fusion.tokens(visual, visual_mask, text, text_mask)
-            cell = text.shape[1] + centre_cell(box, h, w)
+            cell = text.shape[1] + centre_cell(box, (h, w))
             return self.head(self.fusion.norm(x[torch.arange(len(x)), cell]))
         sentence = (text * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True)
         pos = sine_position_embedding(visual_mask, self.fusion.d_model)
@@ -89,13 +84,13 @@ class Probe(torch.nn.Module):
 
     def score(self, out, box, hw) -> torch.Tensor:
         if self.kind == "cells":
-            return (out.argmax(1) == centre_cell(box, *hw)).float().mean()
+            return (out.argmax(1) == centre_cell(box, tuple(hw))).float().mean()
         return (box_iou(cxcywh_to_xyxy(out), cxcywh_to_xyxy(box)) >= 0.5).float().mean()
 
     def forward(self, *batch):
         out, box, hw = self.predict(*batch), batch[-1], batch[0].shape[-2:]
         if self.kind == "cells":
-            loss = F.cross_entropy(out, centre_cell(box, *hw))
+            loss = F.cross_entropy(out, centre_cell(box, tuple(hw)))
         else:
             loss = l1_loss(out, box) + giou_loss(out, box)
         return loss, self.score(out.detach(), box, hw)

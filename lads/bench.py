@@ -1,5 +1,5 @@
 """``lads bench``: latency and FLOPs of the dense network, the masked supernet and extracted
-subnets (DESIGN.md §3).
+subnets (docs/design.md §3).
 
 What the gates affect is timed: visual backbone + fusion + head, ``model.ground`` for dense
 (all gates open) and masked, ``Subnet.forward`` for the subnet. The text backbone and gating

@@ -26,7 +26,7 @@ class ConfigError(LadsError):
 
 @dataclass
 class VisualConfig:
-    """ResNet-50 topology (DESIGN.md §2); ``width`` is the stem width (64 = ResNet-50)."""
+    """ResNet-50 topology (docs/design.md §2); ``width`` is the stem width (64 = ResNet-50)."""
 
     width: int = 64
     norm: str = "frozen"  # "frozen" (DETR, for pretrained weights) or "batch" (from scratch)
@@ -43,6 +43,7 @@ class TextConfig:
     num_layers: int = 6
     max_tokens: int = 40
     pretrained: bool = True  # False: the same architecture, randomly initialised
+    frozen: bool = False  # no gradient, no dropout; F_l of each expression computed once and cached
 
 
 @dataclass
@@ -67,16 +68,24 @@ class GatingConfig:
 
 @dataclass
 class LossConfig:
-    """Weights of Eq. 9."""
+    """Weights of Eq. 9, then training-only terms beyond the paper (docs/design.md §5a); at 0
+    the loss and its gradients are exactly Eq. 9's."""
 
     giou: float = 1.0
     mi: float = 0.1
+    token: float = 0.0  # cross-entropy of a score per fused visual token: the target's centre cell
+    token_box: float = 0.0  # L1 + GIoU of the token head's box at the target's centre cell
+    deep: float = 0.0  # deep supervision: the box head on every earlier fusion layer's [CLS]
+    flops: float = 0.0  # budget: penalty on the subnets' mean FLOPs fraction above flops_target
+    flops_target: float = 0.5  # of the dense network's FLOPs, averaged over the expressions of a batch
 
 
 @dataclass
 class ModelConfig:
     image_size: int = 512
     dense: bool = False  # every gate forced open: the TransVG-style static baseline
+    head: str = "cls"  # the box at inference: "cls" (the paper) or "token" (beyond the paper)
+    init: Optional[str] = None  # start from a checkpoint's weights (a dense one: the gating network is new)
     visual: VisualConfig = field(default_factory=VisualConfig)
     text: TextConfig = field(default_factory=TextConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
@@ -94,16 +103,18 @@ class DataConfig:
     train_split: str = "train"
     eval_splits: list[str] = field(default_factory=lambda: ["val"])
     augment: bool = True
+    crop: float = 0.5  # probability of the random crop that keeps the box (0: none; see docs/design.md)
     num_workers: int = 2
     strict: bool = False  # bad records are errors rather than skipped and counted
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation (DESIGN.md §5): AdamW, warm-up, step decay, clipping, accumulation."""
+    """Optimisation (docs/design.md §5): AdamW, warm-up, step decay, clipping, accumulation."""
 
     epochs: int = 120
     lr_drop_epoch: int = 90  # learning rates × 0.1 from this epoch on
+    lr_drop_fraction: Optional[float] = None  # or, with max_minutes, once this fraction of it has passed
     batch_size: int = 256  # global batch = processes × micro_batch × accumulation
     micro_batch: int = 32  # per process and forward pass
     lr: float = 1e-4
@@ -112,12 +123,13 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     clip_grad: float = 0.1  # max gradient norm; 0 disables
-    amp: str = "none"  # "bf16": autocast on CUDA
+    amp: str = "none"  # "bf16": autocast (CPU or CUDA); "none": float32
+    channels_last: bool = True  # the visual backbone in NHWC (faster convolutions, same values)
     seed: int = 0
     max_minutes: Optional[float] = None  # stop (with a checkpoint) after this wall time
     checkpoint_every: int = 500  # optimizer steps
     log_every: int = 10
-    eval_every: int = 0  # epochs; 0: only at the end
+    eval_every: float = 0.0  # epochs between val evaluations (Prec@0.5 in the log); 0: none
     threads: Optional[int] = None  # torch intra-op threads (None: torch's default)
     out: str = "runs/lads"
 
@@ -137,11 +149,24 @@ class PretrainConfig:
 
 
 @dataclass
+class DemoConfig:
+    """``lads demo``'s schedule (docs/design.md §5a): synthetic images, then dense training shared
+    by both models, then each model's own training from it (LADS: the gates join)."""
+
+    images: int = 4000  # train/val/test images; held-out ones are added
+    shared_minutes: float = 9.0  # stage 1: the dense network, once, for both models
+    minutes: float = 5.0  # stage 2: LADS (gates on) and dense, each from stage 1
+    warmup_epochs: float = 0.1  # stage 2 starts from trained weights: a short warm-up
+    lr_drop_fraction: float = 0.5  # stage 2: learning rates × 0.1 after this fraction of it
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -1,10 +1,12 @@
 """``lads demo``: the main job on the embedded default, the synthetic REC benchmark.
 
 Generate the benchmark, pre-train the visual backbone on its boxes (``lads pretrain``, the role
-of the paper's DETR weights), train LADS and the dense baseline from it (same budget) with the
-``tiny`` preset, evaluate both on the test and held-out-combination splits, run ``predict`` on a
-few test images, draw what the subnets do (``lads analyze``), and write a report. A rerun reuses
-what is done and resumes what is not.
+of the paper's DETR weights), train with the ``tiny`` preset in two stages (docs/design.md §5a):
+the dense network first, once, for both models; then, from it and for the same time each, LADS
+(the gating network joins) and the dense baseline. Evaluate both on the test and
+held-out-combination splits, run ``predict`` on a few test images, draw what the subnets do
+(``lads analyze``) and the learning curves, and write a report. A rerun reuses what is done and
+resumes what is not; SIGINT/SIGTERM stops the whole demo after the running stage's checkpoint.
 """
 
 from __future__ import annotations
@@ -14,70 +16,87 @@ import time
 from pathlib import Path
 
 SPLITS = ["test", "heldout"]
-IMAGES = 2000  # synthetic images (train, val, test and held-out together)
-MINUTES = 5.0  # training budget of each of the two models
+STEPS = 9
 
 
 def add_arguments(parser):
     parser.add_argument("--out", default="runs/demo", help="where everything goes (default: runs/demo)")
     parser.add_argument("--config", default="tiny", help="preset or JSON config (default: tiny)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value for both runs, e.g. train.max_minutes=3")
-    parser.add_argument("--images", type=int, default=IMAGES, help=f"synthetic images (default: {IMAGES})")
-    parser.add_argument("--seed", type=int, default=0)
+                        help="override a config value, e.g. demo.minutes=3 or demo.images=1000")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic benchmark (default: 0)")
 
 
 def run(args):
     from lads.config import load_config
     from lads.datasets import synth
-    from lads.engine import train
     from lads.evaluate import evaluate_checkpoints, markdown_table
     from lads.pretrain import WEIGHTS, pretrain
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    demo = load_config(args.config, args.overrides).demo
     data = out / "data"
-    images = args.images
     if not (data / "instances.json").exists():
-        print(f"[1/7] generating the synthetic benchmark ({images} images) in {data}")
-        synth.generate(data, seed=args.seed, images=images)
+        print(f"[1/{STEPS}] generating the synthetic benchmark ({demo.images} images) in {data}")
+        synth.generate(data, seed=args.seed, images=demo.images)
     else:
-        print(f"[1/7] reusing the synthetic benchmark in {data}")
+        print(f"[1/{STEPS}] reusing the synthetic benchmark in {data}")
     visual = out / "pretrain" / WEIGHTS
     if not (out / "pretrain" / "meta.json").exists():
-        print(f"[2/7] pre-training the visual backbone on the boxes of the training images, in {visual.parent}")
+        print(f"[2/{STEPS}] pre-training the visual backbone on the boxes of the training images, in {visual.parent}")
         pretrain(load_config(args.config, [*args.overrides, f"data.path={data}", f"pretrain.out={visual.parent}"]))
     else:
-        print(f"[2/7] reusing the pre-trained visual backbone {visual}")
-    checkpoints = {}
-    for step, (name, dense) in enumerate((("lads", False), ("dense", True)), start=3):
-        run_dir = out / name
-        cfg = load_config(args.config, [f"train.max_minutes={MINUTES}", *args.overrides, f"data.path={data}",
-                                        f"model.visual.pretrained={visual}", f"train.out={run_dir}",
-                                        f"model.dense={json.dumps(dense)}"])
-        done = _finished(run_dir)
-        print(f"[{step}/7] training {'the dense baseline' if dense else 'LADS'} in {run_dir}"
-              + (" (done already)" if done else ""))
-        checkpoints[name] = run_dir / "checkpoint" if done else train(
-            cfg, resume=str(run_dir) if (run_dir / "checkpoint").exists() else None
-        )
-    print("[5/7] evaluating both on", ", ".join(SPLITS))
+        print(f"[2/{STEPS}] reusing the pre-trained visual backbone {visual}")
+    common = [*args.overrides, f"data.path={data}", f"model.visual.pretrained={visual}"]
+    shared = _stage(3, "stage 1: the dense network, shared by both models", out / "shared", args.config, [
+        *common, "model.dense=true", f"train.max_minutes={demo.shared_minutes}", "train.lr_drop_epoch=1000000",
+        "train.epochs=1000000"])
+    branch = [*common, f"model.init={shared}", f"train.max_minutes={demo.minutes}", "train.epochs=1000000",
+              f"train.warmup_epochs={demo.warmup_epochs}", f"train.lr_drop_fraction={demo.lr_drop_fraction}"]
+    checkpoints = {
+        "lads": _stage(4, "stage 2: LADS (the gating network joins)", out / "lads", args.config,
+                       [*branch, "model.dense=false"]),
+        "dense": _stage(5, "stage 2: the dense baseline", out / "dense", args.config, [*branch, "model.dense=true"]),
+    }
+    print(f"[6/{STEPS}] evaluating both on", ", ".join(SPLITS))
     rows = evaluate_checkpoints([checkpoints["lads"], checkpoints["dense"]], str(data), SPLITS)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     table = markdown_table(rows)
     print(table)
-    print("[6/7] predicting on a few test images")
+    print(f"[7/{STEPS}] predicting on a few test images")
     pictures = _predict_examples(checkpoints["lads"], data, out / "predictions")
-    print("[7/7] drawing the subnets of the test expressions")
+    print(f"[8/{STEPS}] drawing the subnets of the test expressions")
     analysis = _analyze(checkpoints["lads"], data, out / "analysis")
-    report = _report(out, table, rows, pictures, analysis, time.time() - started)
+    print(f"[9/{STEPS}] learning curves and the report")
+    curves = _curves(out)
+    report = _report(out, table, rows, pictures, analysis, curves, _stages(out), time.time() - started)
     print(f"report: {report}")
 
 
+def _stage(number: int, what: str, run_dir: Path, config: str, overrides: list[str]) -> Path:
+    """Train one stage into ``run_dir`` (resuming it if it was cut); its checkpoint."""
+    from lads.config import load_config
+    from lads.engine import train
+    from lads.errors import LadsError
+
+    if _finished(run_dir):
+        print(f"[{number}/{STEPS}] {what}: done already ({run_dir})")
+        return run_dir / "checkpoint"
+    print(f"[{number}/{STEPS}] {what}, in {run_dir}")
+    cfg = load_config(config, [*overrides, f"train.out={run_dir}"])
+    checkpoint = train(cfg, resume=str(run_dir) if (run_dir / "checkpoint").exists() else None)
+    if not _finished(run_dir):
+        reason = json.loads((checkpoint / "meta.json").read_text()).get("reason")
+        raise LadsError(f"stopped by {reason} during {what}; run the demo again to resume it")
+    return checkpoint
+
+
 def _finished(run_dir: Path) -> bool:
+    """The stage ran to its end (its time budget or its epochs), not to a signal."""
     meta = run_dir / "checkpoint" / "meta.json"
-    return meta.exists() and json.loads(meta.read_text()).get("reason") == "finished"
+    return meta.exists() and json.loads(meta.read_text()).get("reason") in ("finished", "time budget")
 
 
 def _predict_examples(checkpoint, data: Path, out: Path, images: int = 4) -> list[Path]:
@@ -111,7 +130,33 @@ def _analyze(checkpoint, data: Path, out: Path) -> dict:
                    [r.expr_type for r in records], out_dir=out, force=True, title="LADS subnets, synthetic test split")
 
 
-def _report(out: Path, table: str, rows, pictures, analysis, seconds) -> Path:
+RUNS = {"shared": "stage 1: dense, shared", "lads": "stage 2: LADS", "dense": "stage 2: dense"}
+EXPECTED_RATE = 60.0  # samples/s of a tiny training step on 2 CPU cores (benchmarks/README.md)
+
+
+def _stages(out: Path) -> list[dict]:
+    """Steps, samples, minutes and samples/s of each training stage, from its checkpoint."""
+    rows = []
+    for name, what in RUNS.items():
+        meta = json.loads((out / name / "checkpoint" / "meta.json").read_text())
+        batch = json.loads((out / name / "checkpoint" / "config.json").read_text())["train"]["batch_size"]
+        seconds = max(meta.get("train_s", 0.0), 1e-9)
+        rows.append({"run": name, "what": what, "steps": meta["step"], "samples": meta["step"] * batch,
+                     "minutes": seconds / 60, "samples_per_s": meta["step"] * batch / seconds})
+    return rows
+
+
+def _curves(out: Path) -> Path:
+    """Val Prec@0.5 against training minutes: stage 1, then both branches of stage 2."""
+    from lads.analysis.curves import plot_curves
+
+    offset = json.loads((out / "shared" / "checkpoint" / "meta.json").read_text()).get("train_s", 0.0) / 60
+    logs = {"stage 1 (dense)": (out / "shared" / "log.jsonl", 0.0),
+            "LADS": (out / "lads" / "log.jsonl", offset), "dense": (out / "dense" / "log.jsonl", offset)}
+    return plot_curves(logs, out / "curves.png", title="lads demo: val Prec@0.5 while training")
+
+
+def _report(out: Path, table: str, rows, pictures, analysis, curves: Path, stages, seconds) -> Path:
     lines = [
         "# lads demo: the synthetic REC benchmark",
         "",
@@ -122,6 +167,19 @@ def _report(out: Path, table: str, rows, pictures, analysis, seconds) -> Path:
         table,
         "",
         "Checkpoints: " + ", ".join(f"`{r['checkpoint']}`" for r in rows),
+        "",
+        "## Training",
+        "",
+        "| stage | steps | samples | minutes | samples/s |",
+        "|---|---|---|---|---|",
+        *(f"| {s['what']} | {s['steps']:,} | {s['samples']:,} | {s['minutes']:.1f} | {s['samples_per_s']:.0f} |"
+          for s in stages),
+        "",
+        *(f"- **warning**: {s['what']} ran at {s['samples_per_s']:.0f} samples/s, far below the "
+          f"~{EXPECTED_RATE:.0f} expected on 2 CPU cores: a busy machine, so fewer steps and lower figures."
+          for s in stages if s["samples_per_s"] < EXPECTED_RATE / 2),
+        "",
+        f"![learning curves]({curves.relative_to(out)})",
         "",
     ]
     for r in rows:

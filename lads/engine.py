@@ -1,4 +1,4 @@
-"""One engine for training and evaluation, from one CPU process to many GPUs (DESIGN.md §5).
+"""One engine for training and evaluation, from one CPU process to many GPUs (docs/design.md §5).
 
 Determinism is by construction, so that a resumed run and a run on more processes retrace
 the same steps: the data order of an epoch is a permutation seeded by (seed, epoch); a global
@@ -27,6 +27,7 @@ from lads import __version__
 from lads.config import Config, config_from_dict, to_dict
 from lads.errors import LadsError
 from lads.util import dist
+from lads.util.amp import autocast, check_amp
 from lads.util.checkpoint import TEXT, load_training_state, load_weights, read_meta, save_checkpoint
 
 
@@ -97,6 +98,7 @@ def lr_factor(step: int, warmup_steps: int, drop_step: int) -> float:
 def load_split(cfg: Config, split: str, train: bool, tokenizer):
     from lads.datasets import load_records
     from lads.datasets.dataset import RecDataset
+    from lads.datasets.transforms import Augment
 
     if not cfg.data.path:
         raise LadsError("data.path is not set: give --data PATH (a REFER folder, TransVG split folder or JSONL file)")
@@ -110,7 +112,7 @@ def load_split(cfg: Config, split: str, train: bool, tokenizer):
         raise LadsError(f"{cfg.data.path}: split {split!r} holds no usable expression")
     return RecDataset(
         records, tokenizer, cfg.model.image_size, cfg.model.text.max_tokens,
-        train=train and cfg.data.augment,
+        train=train and cfg.data.augment, augment=Augment(crop=cfg.data.crop),
     )
 
 
@@ -190,33 +192,55 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
             f"= {world} × {t.micro_batch}"
         )
     accumulation = t.batch_size // (world * t.micro_batch)
+    check_amp(t.amp)
     torch.manual_seed(t.seed)
-    model = (model or LADS(restored_model_config(cfg.model) if resume else cfg.model)).to(device)
+    if model is None:
+        model = LADS(restored_model_config(cfg.model) if resume or cfg.model.init else cfg.model)
+        if cfg.model.init and not resume:
+            init_weights(model, cfg.model.init)
+    model = model.to(device)
+    if t.channels_last:
+        model.visual_backbone.to(memory_format=torch.channels_last)
     tokenizer = load_tokenizer(cfg.model.text.name)
     dataset = SeededSamples(load_split(cfg, cfg.data.train_split, True, tokenizer), t.seed)
+    val = load_split(cfg, cfg.data.eval_splits[0], False, tokenizer) if t.eval_every > 0 else None
     steps_per_epoch = len(dataset) // t.batch_size
     if steps_per_epoch == 0:
         raise LadsError(f"{cfg.data.path}: {len(dataset)} training expressions, fewer than one global batch ({t.batch_size})")
     total_steps = t.epochs * steps_per_epoch
     optimizer = build_optimizer(model, t)
-    warmup, drop = round(t.warmup_epochs * steps_per_epoch), t.lr_drop_epoch * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, drop))
-    step = 0
+    warmup, schedule = round(t.warmup_epochs * steps_per_epoch), {"drop": t.lr_drop_epoch * steps_per_epoch}
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, schedule["drop"]))
+    eval_steps = max(1, round(t.eval_every * steps_per_epoch)) if val is not None else 0
+    step, trained_s = 0, 0.0
     if resume:
-        step = _resume(resume, cfg, model, optimizer, scheduler)
+        step, trained_s, schedule["drop"] = _resume(resume, cfg, model, optimizer, scheduler, schedule["drop"])
     ddp = model
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if t.amp == "bf16" and device.type == "cuda" else nullcontext()
-    )
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     log = MetricLog(out, dist.is_main())
     bar = _progress(total_steps, step, enabled=dist.is_main())
-    start, last_log, samples_since = time.time(), time.time(), 0
+    start, last_log, samples_since = time.time() - trained_s, time.time(), 0
     status = "finished"
+
+    def validate():
+        """Prec@0.5 on the first eval split, logged; its time is not training time."""
+        nonlocal start, last_log
+        began, split = time.time(), cfg.data.eval_splits[0]
+        result = evaluate(model, val, 64, "dense" if model.gating is None else "masked", progress=False, amp=t.amp)
+        model.train()
+        record = {"step": step, "epoch": round(step / steps_per_epoch, 3), "train_s": round(began - start, 1),
+                  f"{split}/prec@0.5": result["prec@0.5"], f"{split}/expressions": result["expressions"]}
+        for head, prec in result.get("prec@0.5_by_head", {}).items():
+            record[f"{split}/prec@0.5_{head}"] = prec
+        for kind, prec in result.get("prec@0.5_by_type", {}).items():
+            record[f"{split}/prec@0.5_{kind}"] = prec
+        log.write(record)
+        start += time.time() - began
+        last_log += time.time() - began
 
     def checkpoint(reason: str):
         if dist.is_main():
@@ -224,9 +248,9 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
                 out / "checkpoint", model, to_dict(cfg),
                 {"step": step, "epoch": step / steps_per_epoch, "total_steps": total_steps,
                  "reason": reason, "lads_version": __version__, "torch_version": torch.__version__,
-                 "world_size": world},
+                 "world_size": world, "train_s": round(time.time() - start, 1)},
                 {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                 "rng": torch.get_rng_state()},
+                 "rng": torch.get_rng_state(), "train_s": time.time() - start, "lr_drop_step": schedule["drop"]},
                 tokenizer=tokenizer,
             )
         dist.barrier()
@@ -244,7 +268,7 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
                 batch = to_device(next(batches), device)
                 torch.manual_seed(mix_seed(t.seed, step, rank * accumulation + a))
                 sync = nullcontext() if (world == 1 or a == accumulation - 1) else ddp.no_sync()
-                with sync, autocast:
+                with sync, autocast(device, t.amp):
                     outputs = ddp(batch["image"], batch["pixel_mask"], batch["input_ids"], batch["attention_mask"])
                     terms = model.loss(outputs, batch["box"])
                     (terms["loss"] / accumulation).backward()
@@ -258,6 +282,8 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
             if t.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
             optimizer.step()
+            if _time_to_drop(t, time.time() - start, device) and step + 1 < schedule["drop"]:
+                schedule["drop"] = step + 1  # the learning rates of the next step on are × 0.1
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -267,7 +293,7 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
                 now = time.time()
                 record = {"step": step, "epoch": round(step / steps_per_epoch, 3), **terms_sum,
                           "lr": optimizer.param_groups[0]["lr"], "samples_per_s": samples_since / (now - last_log),
-                          "elapsed_s": now - start}
+                          "train_s": round(now - start, 1)}
                 if gate_rates:
                     record["open_layers"] = float(np.mean([r[0] for r in gate_rates]))
                     record["open_filters"] = float(np.mean([r[1] for r in gate_rates]))
@@ -276,6 +302,8 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
                 last_log, samples_since = now, 0
             out_of_time = t.max_minutes is not None and time.time() - start > 60 * t.max_minutes
             reason = _agree_to_stop(stop.signal, out_of_time, device)
+            if eval_steps and (step % eval_steps == 0 or step == total_steps or reason == "time budget"):
+                validate()
             if reason:
                 status = f"stopped by {reason} at step {step}"
                 checkpoint(reason)
@@ -293,9 +321,19 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
     return out / "checkpoint"
 
 
-def _resume(path, cfg: Config, model, optimizer, scheduler) -> int:
+def _time_to_drop(t, seconds: float, device) -> bool:
+    """``train.lr_drop_fraction`` of ``train.max_minutes`` has passed (on any rank)."""
+    if t.lr_drop_fraction is None or t.max_minutes is None:
+        return False
+    flag = torch.tensor([float(seconds >= 60 * t.max_minutes * t.lr_drop_fraction)], device=device)
+    if dist.is_distributed():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def _resume(path, cfg: Config, model, optimizer, scheduler, drop_step: int):
     folder, saved, _ = read_meta(path)
-    if saved.get("model") != to_dict(cfg)["model"]:
+    if to_dict(config_from_dict(saved))["model"] != to_dict(cfg)["model"]:  # defaults of newer keys filled in
         raise LadsError(f"checkpoint {folder} was written for another model config; resume with its own config.json")
     load_weights(folder, model)
     state = load_training_state(folder)
@@ -304,7 +342,7 @@ def _resume(path, cfg: Config, model, optimizer, scheduler) -> int:
     torch.set_rng_state(state["rng"])
     if dist.is_main():
         print(f"resuming from {folder} at step {state['step']}")
-    return int(state["step"])
+    return int(state["step"]), float(state.get("train_s", 0.0)), int(state.get("lr_drop_step", drop_step))
 
 
 def _epoch_loader(dataset, cfg, epoch, first_step, steps_per_epoch, accumulation, rank):
@@ -349,9 +387,11 @@ def _progress(total, initial, enabled):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, batch_size: int = 32, mode: str = "subnet", num_workers: int = 0, progress=True) -> dict:
+def evaluate(model, dataset, batch_size: int = 32, mode: str = "subnet", num_workers: int = 0, progress=True,
+             amp: str = "none") -> dict:
     """Prec@0.5 on ``dataset`` in original image pixels, each expression counted exactly once
-    (every rank takes indices ``rank::world``; results are gathered by index, no padding)."""
+    (every rank takes indices ``rank::world``; results are gathered by index, no padding);
+    ``amp`` as ``train.amp`` (boxes are computed in float32 either way)."""
     from lads.datasets.dataset import collate
     from lads.datasets.transforms import box_to_original
     from lads.inference import SubnetRunner
@@ -370,15 +410,17 @@ def evaluate(model, dataset, batch_size: int = 32, mode: str = "subnet", num_wor
     cursor = 0
     for batch in tqdm(loader, disable=not (progress and dist.is_main()), desc="eval", unit="batch", leave=False):
         batch = to_device(batch, device)
-        result = runner(batch["image"], batch["pixel_mask"], batch["input_ids"], batch["attention_mask"], mode=mode)
+        with autocast(device, amp):
+            result = runner(batch["image"], batch["pixel_mask"], batch["input_ids"], batch["attention_mask"], mode=mode)
         seconds += result["times"]["total"]
         extraction += result["times"]["extract"]
         for j, meta in enumerate(batch["meta"]):
-            pred = box_to_original(result["boxes"][j].float().cpu(), meta)
             truth = torch.tensor(meta["record"].box, dtype=torch.float32)
-            iou = box_iou(torch.as_tensor(pred, dtype=torch.float32), truth).item()
-            kept = _kept(model, result["gates"], j)
-            rows.append({"index": mine[cursor], "iou": iou, "correct": iou >= 0.5,
+            ious = {head: box_iou(box_to_original(boxes[j].float().cpu(), meta), truth).item()
+                    for head, boxes in result["heads"].items()}
+            iou = ious[model.config.head]
+            kept = _kept(model, result["gates"], j, int(batch["attention_mask"][j].sum()))
+            rows.append({"index": mine[cursor], "iou": iou, "correct": iou >= 0.5, "ious": ious,
                          "expr_type": meta["record"].expr_type, **kept})
             cursor += 1
     gathered = {r["index"]: r for part in dist.all_gather_objects(rows) for r in part}
@@ -394,7 +436,12 @@ def evaluate(model, dataset, batch_size: int = 32, mode: str = "subnet", num_wor
         "extraction_ms_per_expression": 1000.0 * sum(e for _, e, _ in times) / max(n, 1),
         "layers_kept": float(np.mean([r["layers"] for r in gathered.values()])) if n else 0.0,
         "filters_kept": float(np.mean([r["filters"] for r in gathered.values()])) if n else 0.0,
+        "flops_kept": float(np.mean([r["flops"] for r in gathered.values()])) if n else 0.0,
     }
+    heads = sorted({h for r in gathered.values() for h in r["ious"]})
+    if len(heads) > 1:
+        summary["prec@0.5_by_head"] = {
+            h: 100.0 * sum(r["ious"][h] >= 0.5 for r in gathered.values()) / max(n, 1) for h in heads}
     by_type = {}
     for r in gathered.values():
         if r["expr_type"]:
@@ -404,17 +451,34 @@ def evaluate(model, dataset, batch_size: int = 32, mode: str = "subnet", num_wor
     return summary
 
 
-def _kept(model, gates, j) -> dict:
-    """Layers (bottlenecks and sublayers) and filters of expression ``j``'s subnet."""
+def _kept(model, gates, j, text_len: int) -> dict:
+    """Layers (bottlenecks and sublayers), filters and FLOPs (a fraction of the dense network's,
+    at the expression's length) of expression ``j``'s subnet."""
+    from lads.models.losses import expected_flops
     from lads.predict import subnet_summary
 
     kept = subnet_summary(model, gates, j)
-    return {"layers": kept["visual_layers"] + kept["fusion_sublayers"], "filters": kept["filters"]}
+    flops = 1.0
+    if gates is not None and model.gating is not None:
+        flops = expected_flops(gates.map(lambda g: g[j:j + 1].float().cpu()), model.layout,
+                               model.gate_costs(text_len)).item()
+    return {"layers": kept["visual_layers"] + kept["fusion_sublayers"], "filters": kept["filters"], "flops": flops}
+
+
+def init_weights(model, checkpoint) -> None:
+    """``model.init``: the weights of another run, without its optimizer state. The architecture
+    must match; a dense checkpoint may start a LADS model, whose gating network is then new."""
+    folder, saved, _ = read_meta(checkpoint)
+    from_dense = saved["model"].get("dense") and model.gating is not None
+    load_weights(folder, model, new="gating." if from_dense else None)
+    if dist.is_main():
+        print(f"model.init: weights from {folder}" + (" (dense; a new gating network)" if from_dense else ""))
 
 
 def restored_model_config(model_cfg):
     """``model_cfg`` for a model whose weights come from a checkpoint: no starting weights to
-    read (``model.visual.pretrained`` stays in the saved config as the run's origin)."""
+    read (``model.visual.pretrained`` and ``model.init`` stay in the saved config as the run's
+    origin)."""
     built = copy.deepcopy(model_cfg)
     built.visual.pretrained = None
     return built

@@ -46,22 +46,29 @@ def evaluate_checkpoints(checkpoints, data=None, splits=None, mode="subnet", bat
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """Rows of models, columns of splits (Prec@0.5), then time and subnet size."""
+    """Rows of models, columns of splits (Prec@0.5), then time and subnet size; a model with a
+    second head (docs/design.md §5a) gets a second row with the paper's [CLS] head."""
     splits = list(dict.fromkeys(s for r in rows for s in r["splits"]))
-    head = ["Method", *splits, "Time (ms)", "Layers kept", "Filters kept"]
+    head = ["Method", *splits, "Time (ms)", "Layers kept", "Filters kept", "FLOPs kept"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         res = r["splits"]
         n = sum(v["expressions"] for v in res.values())
         mean = lambda key: sum(v[key] * v["expressions"] for v in res.values()) / max(n, 1)  # noqa: E731
-        cells = [r["name"], *(f"{res[s]['prec@0.5']:.2f}" if s in res else "–" for s in splits),
-                 f"{mean('ms_per_expression'):.1f}", f"{mean('layers_kept'):.1f}", f"{mean('filters_kept'):.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        size = [f"{mean('ms_per_expression'):.1f}", f"{mean('layers_kept'):.1f}", f"{mean('filters_kept'):.0f}",
+                f"{100 * mean('flops_kept'):.0f} %"]
+        two_heads = any("prec@0.5_by_head" in v for v in res.values())
+        name = r["name"] + (", token head" if two_heads else "")
+        lines.append("| " + " | ".join([name, *(f"{res[s]['prec@0.5']:.2f}" if s in res else "–" for s in splits),
+                                        *size]) + " |")
+        if two_heads:
+            cls = [f"{res[s]['prec@0.5_by_head']['cls']:.2f}" if s in res else "–" for s in splits]
+            lines.append("| " + " | ".join([r["name"] + ", [CLS] head (paper)", *cls, *size]) + " |")
     r0 = rows[0]
     lines.append("")
     lines.append(f"Prec@0.5 (%), IoU ≥ 0.5 in original image pixels. Time: mean per expression over the split, "
                  f"batch of the evaluation, mode {r0['mode']}, on {r0['device']}, {r0['dtype']}, "
-                 f"{r0['threads']} threads.")
+                 f"{r0['threads']} threads. FLOPs kept: of the dense network's, per expression, averaged.")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Inference for a batch of expressions with real subnets (DESIGN.md §3).
+"""Inference for a batch of expressions with real subnets (docs/design.md §3).
 
 :class:`SubnetRunner` runs the text backbone and the gating network first (hard gates, eval),
 then grounds every expression in one of three modes:
@@ -54,7 +54,8 @@ class SubnetRunner:
     ``input_ids`` (B, L) long, ``attention_mask`` (B, L); row i is expression i on image i.
     Returns a dict:
 
-    - ``boxes``: (B, 4) normalised (cx, cy, w, h), in input order;
+    - ``boxes``: (B, 4) normalised (cx, cy, w, h), in input order, of the model's inference
+      head (``model.head``); ``heads``: the boxes of each head the model has;
     - ``gates``: the hard ``Gates`` applied (all ones in ``dense`` mode or for a dense model);
     - ``times``: seconds, ``text`` (text backbone + gating), ``extract`` (subnet extraction,
       0 on cache hits), ``forward`` (visual backbone + fusion + head), ``total``;
@@ -109,23 +110,25 @@ class SubnetRunner:
         hits = misses = 0
         if mode == "subnet":
             groups = group_by_pattern(gates)
-            boxes = images.new_empty(len(images), 4)
+            heads = {}
             images = images.contiguous(memory_format=self.memory_format)
             for key, rows in groups.items():
                 subnet, hit = self.subnet(key, gates.map(lambda g: g[rows[:1]]))
                 hits, misses = hits + hit, misses + (not hit)
                 times["extract"] += clock.lap()
                 idx = torch.tensor(rows, device=images.device)
-                boxes[idx] = subnet(images[idx], pixel_mask[idx], text[idx], text_mask[idx])
+                out = subnet(images[idx], pixel_mask[idx], text[idx], text_mask[idx])
+                for name, boxes in out["heads"].items():
+                    heads.setdefault(name, images.new_empty(len(images), 4))[idx] = boxes.to(images.dtype)
                 times["forward"] += clock.lap()
             groups = list(groups.values())
         else:
-            boxes = model.ground(images, pixel_mask, text, text_mask, None if mode == "dense" else gates)
+            heads = model.ground(images, pixel_mask, text, text_mask, None if mode == "dense" else gates)["heads"]
             times["forward"] = clock.lap()
             groups = [list(range(len(images)))]
         times["total"] = sum(times.values())
-        return {"boxes": boxes, "gates": gates, "times": times, "groups": groups,
-                "cache": {"hits": hits, "misses": misses}}
+        return {"boxes": heads[model.config.head], "heads": heads, "gates": gates, "times": times,
+                "groups": groups, "cache": {"hits": hits, "misses": misses}}
 
 
 class _Clock:

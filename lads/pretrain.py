@@ -1,6 +1,6 @@
 """``lads pretrain``: detection pre-training of the visual backbone on a dataset's own boxes.
 
-The paper starts from DETR's COCO-trained ResNet-50 (DESIGN.md §2). Where no such weights can be
+The paper starts from DETR's COCO-trained ResNet-50 (docs/design.md §2). Where no such weights can be
 downloaded, or the backbone is narrower than ResNet-50 (the ``tiny`` preset), a short detection
 pre-training on the boxes of a REFER folder's ``instances.json`` plays that role: every object of
 the training images (not only the referred ones) is a target of a CenterNet-style head on C5
@@ -34,6 +34,8 @@ from lads.datasets.images import open_rgb
 from lads.datasets.transforms import eval_transform
 from lads.errors import LadsError
 from lads.models.backbone import VisualBackbone
+from lads.util.amp import autocast, check_amp
+from lads.util.dist import local_device
 
 WEIGHTS, META = "visual.safetensors", "meta.json"
 
@@ -175,6 +177,13 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
         raise LadsError(f"{cfg.data.path}: {len(dataset)} training images, fewer than pretrain.batch_size {p.batch_size}")
     backbone = VisualBackbone(v.width, "batch", v.dilation, frozen_stages=0)
     head = CentreHead(backbone.num_channels, dataset.num_classes)
+    check_amp(cfg.train.amp)
+    if cfg.train.channels_last:
+        backbone.to(memory_format=torch.channels_last)
+        head.to(memory_format=torch.channels_last)
+    device = local_device()
+    backbone.to(device)
+    head.to(device)
     params = [*backbone.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
     loader = DataLoader(dataset, p.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
@@ -191,9 +200,11 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
     backbone.train()
     while not done():
         for images, objects in loader:
-            features = backbone(images)
-            targets = centre_targets(objects, features.shape[-1], len(dataset.heads))
-            terms = centre_loss(head(features), *targets, dataset.num_classes)
+            with autocast(device, cfg.train.amp):
+                features = backbone(images.to(device))
+                prediction = head(features)
+            targets = [t.to(device) for t in centre_targets(objects, features.shape[-1], len(dataset.heads))]
+            terms = centre_loss(prediction.float(), *targets, dataset.num_classes)
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -211,7 +222,7 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
     log.close()
     weights = out / WEIGHTS
     tmp = out / (WEIGHTS + ".tmp")
-    save_file({k: t.detach().contiguous() for k, t in backbone.state_dict().items()}, str(tmp))
+    save_file({k: t.detach().cpu().contiguous() for k, t in backbone.state_dict().items()}, str(tmp))
     os.replace(tmp, weights)
     meta = {"steps": step, "minutes": round((time.time() - start) / 60, 2), "data": str(cfg.data.path),
             "images": len(dataset), "width": v.width, "dilation": v.dilation, "image_size": cfg.model.image_size,

@@ -29,4 +29,7 @@ def engine_overrides(text_dir: str, data: str, out) -> list[str]:
         "model.fusion.ffn_dim=64", "model.fusion.num_layers=2", "model.gating.hidden=8",
         f"data.path={data}", "data.num_workers=0", f"train.out={out}", "train.log_every=1",
         "train.warmup_epochs=0", "train.lr=1e-3", "train.lr_visual=1e-3",
+        # float32 and no evaluation during training: the engine's exact-parity tests compare
+        # weights to 1e-5 (bf16 and eval_every have their own tests)
+        "train.amp=none", "train.eval_every=0",
     ]

@@ -31,29 +31,32 @@ def test_training_gates_are_noisy(tiny_model):
 
 
 def test_per_batch_granularity_mixes_soft_and_hard_batches():
-    """Per batch: each call is wholly hard (exactly 0/1) or wholly soft, and both occur."""
+    """Per batch: each call is wholly hard (exactly 0/1) or wholly soft, layer and filter gates
+    alike (the paper's one draw n_s for both kinds), and both occur."""
     torch.manual_seed(0)
-    r = torch.randn(8, 50)
+    r = Gates(torch.randn(8, 12), torch.randn(8, 50))
     kinds = []
     for _ in range(40):
         g, soft = binary_gates(r, training=True, granularity="batch")
-        hard = is_hard(g)
-        assert hard.all() or not hard.any()
-        if hard.all():
-            assert torch.equal(g, (soft >= 0.5).float())  # hard gate = 1[r̂ ≥ 0]
-        else:
-            assert torch.equal(g, soft)
-        kinds.append(bool(hard.all()))
+        hard = [is_hard(g.layer), is_hard(g.filter)]
+        assert all(h.all() for h in hard) or not any(h.any() for h in hard)
+        for gate, s in ((g.layer, soft.layer), (g.filter, soft.filter)):
+            if hard[0].all():
+                assert torch.equal(gate, (s >= 0.5).float())  # hard gate = 1[r̂ ≥ 0]
+            else:
+                assert torch.equal(gate, s)
+        kinds.append(bool(hard[0].all()))
     assert 8 <= sum(kinds) <= 32  # p = 0.5: both kinds, in plausible numbers
 
 
 def test_per_element_granularity_mixes_inside_one_batch():
     """Per element: one batch holds about half exact 0/1 gates and half fractional gates."""
     torch.manual_seed(1)
-    g, soft = binary_gates(torch.randn(16, 200), training=True, granularity="element")
-    hard = is_hard(g)
-    assert 0.4 < hard.float().mean() < 0.6
-    assert torch.equal(g[~hard], soft[~hard])
+    g, soft = binary_gates(Gates(torch.randn(16, 20), torch.randn(16, 200)), training=True, granularity="element")
+    for gate, s in ((g.layer, soft.layer), (g.filter, soft.filter)):
+        hard = is_hard(gate)
+        assert 0.3 < hard.float().mean() < 0.7
+        assert torch.equal(gate[~hard], s[~hard])
 
 
 def test_model_granularity_option(make_tiny):
@@ -98,7 +101,8 @@ def test_straight_through_gradient_of_hard_gate_equals_soft_gate():
     w = torch.randn(4, 30)
     for seed in range(20):
         torch.manual_seed(seed)
-        g, soft = binary_gates(r, training=True, granularity="batch")
+        g, soft = binary_gates(Gates(r[:, :3], r), training=True, granularity="batch")
+        g, soft = g.filter, soft.filter
         if is_hard(g).all():
             break
     else:

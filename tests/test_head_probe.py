@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 from helpers import engine_overrides
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "head_probe.py"
@@ -20,13 +19,6 @@ def load_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def test_centre_cell_by_hand():
-    """On a 4 × 5 grid, centre (0.3, 0.8) is row 3, column 1 -> 16; (0.99, 0.0) -> 4; 1.0 clamps."""
-    probe = load_script()
-    boxes = torch.tensor([[0.3, 0.8, 0.1, 0.1], [0.99, 0.0, 0.1, 0.1], [1.0, 1.0, 0.1, 0.1]])
-    assert probe.centre_cell(boxes, 4, 5).tolist() == [16, 4, 19]
 
 
 def test_short_run_writes_three_probes(tmp_path, tiny_text_dir, synth_data):

@@ -10,8 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lads.models import Gates
+from lads.config import LossConfig
 from lads.models.losses import (
-    binary_entropy, gate_mutual_information, giou_loss, l1_loss, lads_loss, mutual_information,
+    binary_entropy, centre_cell, gate_mutual_information, giou_loss, l1_loss, lads_loss, mutual_information,
+    token_loss,
 )
 from lads.util.box_ops import box_iou, cxcywh_to_xyxy, generalized_box_iou, xyxy_to_cxcywh
 
@@ -150,13 +152,72 @@ def test_box_iou_and_conversions():
     assert box_iou(torch.tensor([0.0, 0, 2, 2]), torch.tensor([1.0, 0, 3, 2])).item() == pytest.approx(1 / 3)
 
 
+def _outputs(pred, soft=None, **extra):
+    """``forward``'s outputs as ``lads_loss`` reads them: the paper's head only, unless given."""
+    out = {"heads": {"cls": pred}, "soft": soft, "deep_boxes": [], "token_scores": None, "token_boxes": None,
+           "grid": (2, 2)}
+    return {**out, **extra}
+
+
 def test_lads_loss_combines_the_terms_as_eq9():
     """loss = L1 + λ_giou (1 − GIoU) − λ_mi I(G; F), with the weights given."""
     pred = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.4, 0.6, 0.3, 0.1]])
     target = torch.tensor([[0.45, 0.5, 0.3, 0.2], [0.4, 0.5, 0.3, 0.2]])
     soft = Gates(torch.tensor([[0.9, 0.2], [0.1, 0.7]]), torch.tensor([[0.6, 0.3, 0.5], [0.2, 0.9, 0.5]]))
-    terms = lads_loss(pred, target, soft, giou_weight=2.0, mi_weight=0.5)
+    terms = lads_loss(_outputs(pred, soft), target, LossConfig(giou=2.0, mi=0.5))
     want = l1_loss(pred, target) + 2.0 * giou_loss(pred, target) - 0.5 * gate_mutual_information(soft)
     assert terms["loss"].item() == pytest.approx(want.item(), rel=1e-6)
     assert terms["mi"].item() > 0
-    assert set(lads_loss(pred, target, None)) == {"l1", "giou", "loss"}
+    assert set(lads_loss(_outputs(pred), target, LossConfig())) == {"l1", "giou", "loss"}
+
+
+# ----------------------------------------------------------------------------- training-only terms
+
+
+def test_centre_cell_by_hand():
+    """A 3 × 4 grid (h = 3 rows, w = 4 columns): cells are row · 4 + col of the centre."""
+    boxes = torch.tensor([[0.10, 0.10, 0.1, 0.1],   # col 0, row 0 -> 0
+                          [0.60, 0.50, 0.2, 0.2],   # col 2, row 1 -> 6
+                          [0.99, 0.99, 0.1, 0.1],   # col 3, row 2 -> 11
+                          [1.00, 1.00, 0.1, 0.1]])  # on the far edge: the last cell
+    assert centre_cell(boxes, (3, 4)).tolist() == [0, 6, 11, 11]
+
+
+def test_token_term_equals_hand_cross_entropy():
+    """−log softmax(scores)[centre cell], averaged, with padded cells (−inf) left out."""
+    scores = torch.tensor([[1.0, 2.0, 0.5, float("-inf")], [0.0, 0.0, 3.0, 1.0]])
+    target = torch.tensor([[0.7, 0.2, 0.1, 0.1], [0.2, 0.8, 0.1, 0.1]])  # cells 1 and 2 of a 2 × 2 grid
+    by_hand = [2.0 - math.log(math.exp(1.0) + math.exp(2.0) + math.exp(0.5)),
+               3.0 - math.log(2 + math.exp(3.0) + math.exp(1.0))]
+    want = -sum(by_hand) / 2
+    assert token_loss(scores, target, (2, 2)).item() == pytest.approx(want, rel=1e-6)
+    pred = torch.tensor([[0.5, 0.5, 0.2, 0.2]] * 2)
+    terms = lads_loss(_outputs(pred, token_scores=scores), target, LossConfig(token=0.5))
+    base = l1_loss(pred, target) + giou_loss(pred, target)
+    assert terms["token"].item() == pytest.approx(want, rel=1e-6)
+    assert terms["loss"].item() == pytest.approx(base.item() + 0.5 * want, rel=1e-6)
+
+
+def test_token_box_and_deep_terms_equal_hand_computation():
+    """token_box: Eq. 9's box terms on the token box at the target's centre cell; deep: their
+    mean over the earlier layers' boxes."""
+    target = torch.tensor([[0.7, 0.2, 0.2, 0.2], [0.2, 0.8, 0.3, 0.1]])  # cells 1 and 2 of 2 × 2
+    token_boxes = torch.rand(2, 4, 4) * 0.5 + 0.25
+    deep = [torch.tensor([[0.6, 0.3, 0.2, 0.1], [0.3, 0.7, 0.2, 0.2]]), torch.tensor([[0.5, 0.5, 0.4, 0.4]] * 2)]
+    pred = torch.tensor([[0.5, 0.5, 0.2, 0.2]] * 2)
+    w = LossConfig(giou=2.0, token_box=0.3, deep=0.7)
+    terms = lads_loss(_outputs(pred, token_boxes=token_boxes, deep_boxes=deep), target, w)
+
+    def by_hand(p):  # L1 summed over coordinates, 1 − GIoU, each averaged over the batch
+        rows = []
+        for pi, ti in zip(p.tolist(), target.tolist()):
+            l1 = sum(abs(a - b) for a, b in zip(pi, ti))
+            giou = generalized_box_iou(cxcywh_to_xyxy(torch.tensor(pi)), cxcywh_to_xyxy(torch.tensor(ti))).item()
+            rows.append(l1 + 2.0 * (1 - giou))
+        return sum(rows) / len(rows)
+
+    picked = torch.stack([token_boxes[0, 1], token_boxes[1, 2]])
+    assert terms["token_box"].item() == pytest.approx(by_hand(picked), rel=1e-5)
+    assert terms["deep"].item() == pytest.approx((by_hand(deep[0]) + by_hand(deep[1])) / 2, rel=1e-5)
+    eq9 = by_hand(pred)
+    assert terms["loss"].item() == pytest.approx(eq9 + 0.3 * by_hand(picked) + 0.7 * terms["deep"].item(), rel=1e-5)

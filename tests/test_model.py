@@ -50,6 +50,11 @@ def head_count(d: int) -> int:
     return 2 * (d * d + d) + d * 4 + 4
 
 
+def token_head_count(d: int) -> int:
+    """Score (d -> 1) and the 2-layer box MLP (d -> d -> 4)."""
+    return (d + 1) + (d * d + d) + (d * 4 + 4)
+
+
 def gating_count(k: int, d_l: int, d_h: int, n_layer: int, n_filter: int) -> int:
     return k * d_l + k * (d_l * d_h + d_h) + n_layer * (d_h + 1) + n_filter * (d_h + 1)
 
@@ -108,8 +113,8 @@ def test_paper_scale_preset_counts(paper_overrides, capsys):
 
 
 def test_tiny_preset_counts(make_tiny, capsys, tiny_bert_dir):
-    """tiny builds; its counts (width 16, batch norm, 4 fusion layers, d_h 32) equal the hand count,
-    in ``parameter_counts`` and in ``lads info``."""
+    """tiny builds; its counts (width 16, batch norm, 4 fusion layers, d_h 32, the token head)
+    equal the hand count, in ``parameter_counts`` and in ``lads info``."""
     model = make_tiny()
     conv, bn = resnet50_counts(16)
     expected = {
@@ -118,6 +123,7 @@ def test_tiny_preset_counts(make_tiny, capsys, tiny_bert_dir):
         "fusion": fusion_count(512, 32, 128, 4, 256),
         "head": head_count(128),
         "gating": gating_count(16 + 8, 32, 32, 12 + 8, 3776 // 4),
+        "token_head": token_head_count(128),
     }
     assert model.parameter_counts() == expected
     assert lads_main(["info", "--config", "tiny", "--set", f"model.text.name={tiny_bert_dir}"]) == 0
@@ -214,7 +220,18 @@ def masked_reference(model, images, pixel_mask, ids, mask, gates: Gates):
         t = t + gates.layer[:, lg + 1, None, None] * layer.ffn_block(t)
         lg += 2
     assert (lg, fg) == (gates.layer.shape[1], gates.filter.shape[1])
-    return model.head(fusion.norm(t[:, 0]))
+    t = fusion.norm(t)
+    heads = {"cls": model.head(t[:, 0])}
+    if model.token_head is not None:  # the token head: the box of the best-scoring visual cell
+        visual = t[:, text.shape[1]:]
+        scores = model.token_head.score(visual)[..., 0].masked_fill(vmask.flatten(1), float("-inf"))
+        best = scores.argmax(1)
+        l1, l2 = model.token_head.box.layers
+        raw = torch.sigmoid(l2(torch.relu(l1(visual[torch.arange(len(best)), best]))))
+        w = x.shape[-1]
+        col, row = (best % w).float(), (best // w).float()
+        heads["token"] = torch.stack([(col + raw[:, 0]) / w, (row + raw[:, 1]) / x.shape[-2], raw[:, 2], raw[:, 3]], 1)
+    return heads
 
 
 def test_forced_gates_match_explicit_masked_computation(tiny_model):
@@ -226,11 +243,12 @@ def test_forced_gates_match_explicit_masked_computation(tiny_model):
         (torch.rand(3, tiny_model.layout.num_filter_gates, generator=g) < 0.6).float(),
     )
     with torch.no_grad():
-        got = tiny_model(images, pixel_mask, ids, mask, gates=gates)["boxes"]
+        got = tiny_model(images, pixel_mask, ids, mask, gates=gates)["heads"]
         want = masked_reference(tiny_model, images, pixel_mask, ids, mask, gates)
-        dense = tiny_model(images, pixel_mask, ids, mask, gates=all_open(tiny_model, 3))["boxes"]
+        dense = tiny_model(images, pixel_mask, ids, mask, gates=all_open(tiny_model, 3))["heads"]
+    assert set(got) == {"cls", "token"}  # tiny has the paper's head and the token head
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(got, dense)  # the gates did something
+    assert not torch.allclose(got["cls"], dense["cls"])  # the gates did something
 
 
 def test_eval_gates_reproduce_the_output(tiny_model):

@@ -1,4 +1,4 @@
-"""Real subnets (DESIGN.md §3): extraction equals the masked supernet, FLOPs, grouping runner."""
+"""Real subnets (docs/design.md §3): extraction equals the masked supernet, FLOPs, grouping runner."""
 
 import shutil
 
@@ -110,13 +110,18 @@ def check_structure(model, subnet, gates):
     )
 
 
-CASES = [("tiny", "batch"), ("tiny", "frozen"), ("lads-r50", "frozen"), ("lads-r50", "batch")]
+TOKEN_HEAD = ("model.loss.token=1", "model.loss.token_box=1", "model.head=token")
+PAPER_HEAD = ("model.loss.token=0", "model.loss.token_box=0", "model.head=cls")
+CASES = [("tiny", "batch", PAPER_HEAD), ("tiny", "frozen", PAPER_HEAD), ("tiny", "batch", TOKEN_HEAD),
+         ("lads-r50", "frozen", ()), ("lads-r50", "batch", ())]
 
 
 @pytest.mark.parametrize("fold_bn", [False, True], ids=["bn", "folded"])
-@pytest.mark.parametrize("preset,norm", CASES)
-def test_subnet_equals_masked_supernet(make_model, preset, norm, fold_bn):
-    model = make_model(preset, norm)
+@pytest.mark.parametrize("preset,norm,extra", CASES, ids=["tiny-batch", "tiny-frozen", "tiny-token-head",
+                                                          "r50-frozen", "r50-batch"])
+def test_subnet_equals_masked_supernet(make_model, preset, norm, extra, fold_bn):
+    """Every head's boxes (the paper's, and the token head's where the model has one)."""
+    model = make_model(preset, norm, extra)
     images, pixel_mask, input_ids, attention_mask = inputs(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -126,10 +131,12 @@ def test_subnet_equals_masked_supernet(make_model, preset, norm, fold_bn):
             masked = model.ground(images, pixel_mask, text, text_mask, gates.map(lambda g: g.expand(2, -1)))
             subnet = model.extract_subnet(gates, fold_bn=fold_bn)
             check_structure(model, subnet, gates)
-            boxes = subnet(images, pixel_mask, text, text_mask)
-            torch.testing.assert_close(boxes, masked, atol=ATOL, rtol=0, msg=f"pattern {name}")
+            out = subnet(images, pixel_mask, text, text_mask)
+            assert set(out["heads"]) == ({"cls", "token"} if extra == TOKEN_HEAD else {"cls"})
+            torch.testing.assert_close(out["heads"], masked["heads"], atol=ATOL, rtol=0, msg=f"pattern {name}")
+            torch.testing.assert_close(out["boxes"], masked["boxes"], atol=ATOL, rtol=0)
             if name != "open":  # the comparison is informative: the gates change the boxes
-                assert (masked - dense).abs().max() > 1e-4, name
+                assert (masked["boxes"] - dense["boxes"]).abs().max() > 1e-4, name
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), f"extraction changed the supernet's {k}"
 
@@ -144,9 +151,10 @@ def test_folded_subnet_has_no_norms(make_model):
         folded.train()
 
 
-@pytest.mark.parametrize("preset", ["tiny", "lads-r50"])
-def test_flops_measured_equal_analytic_and_fall_with_keep_rate(make_model, preset):
-    model = make_model(preset)
+@pytest.mark.parametrize("preset,extra", [("tiny", PAPER_HEAD), ("tiny", TOKEN_HEAD), ("lads-r50", ())],
+                         ids=["tiny", "tiny-token-head", "r50"])
+def test_flops_measured_equal_analytic_and_fall_with_keep_rate(make_model, preset, extra):
+    model = make_model(preset, extra=extra)
     images, pixel_mask, input_ids, attention_mask = inputs(model)
     b, _, h, w = images.shape
     with torch.no_grad():
@@ -186,7 +194,7 @@ def test_runner_groups_caches_and_matches_masked(make_model):
         text, text_mask = model.encode_text(input_ids, attention_mask)
         for i in range(6):
             one = extract_subnet(model, gates.map(lambda g: g[i]))(images[i:i + 1], pixel_mask[i:i + 1], text[i:i + 1], text_mask[i:i + 1])
-            torch.testing.assert_close(out["boxes"][i:i + 1], one, atol=ATOL, rtol=0)
+            torch.testing.assert_close(out["boxes"][i:i + 1], one["boxes"], atol=ATOL, rtol=0)
 
     again = runner(images[:4], pixel_mask[:4], input_ids[:4], attention_mask[:4])
     assert again["cache"] == {"hits": 3, "misses": 0} and again["times"]["extract"] < out["times"]["extract"]
@@ -238,8 +246,8 @@ def test_block_with_every_filter_closed_runs(make_model):
     with torch.no_grad():
         text, text_mask = model.encode_text(input_ids, attention_mask)
         torch.testing.assert_close(
-            subnet(images, pixel_mask, text, text_mask), model.ground(images, pixel_mask, text, text_mask, gates),
-            atol=ATOL, rtol=0,
+            subnet(images, pixel_mask, text, text_mask)["heads"],
+            model.ground(images, pixel_mask, text, text_mask, gates)["heads"], atol=ATOL, rtol=0,
         )
         x = torch.rand(1, 256, 8, 8)
         block = model.visual_backbone.layer1[1]

@@ -1,4 +1,4 @@
-"""Visual backbone: ResNet-50 with filter gates and layer gates (DESIGN.md §2).
+"""Visual backbone: ResNet-50 with filter gates and layer gates (docs/design.md §2).
 
 Parameter names follow torchvision's ``resnet50`` (``conv1``, ``bn1``, ``layer1.0.conv1``, …,
 ``layerK.0.downsample.0``), so torchvision and DETR weights load with strict key checks.
@@ -79,10 +79,10 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         if gate_filter is not None:  # Eq. 7
-            out = out * gate_filter[:, :, None, None]
+            out = out * gate_filter[:, :, None, None].to(out.dtype)
         out = self.bn3(self.conv3(out))
         if gate_layer is not None:  # Eq. 6
-            out = out * gate_layer[:, None, None, None]
+            out = out * gate_layer[:, None, None, None].to(out.dtype)
         return self.relu(out + identity)
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lads.errors import LadsError
+from lads.util.amp import full_precision
 
 
 @dataclass(frozen=True)
@@ -111,33 +112,44 @@ class GatingNetwork(nn.Module):
 
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor):
         """Returns relevance scores ``Gates(r_L, r_C)`` and the attention weights α."""
-        alpha = self.attention(text, text_mask)
-        h = torch.einsum("bkl,bld->bkd", alpha, text)  # Eq. 2
-        z = F.gelu(torch.einsum("bkd,kdh->bkh", h, self.w1) + self.b1)  # δ(W_1^i h_i)
-        r_layer = torch.einsum("bgh,gh->bg", z[:, self.layer_owner], self.w2) + self.b2
-        r_filter = torch.einsum("bgh,gh->bg", z[:, self.filter_owner], self.w3) + self.b3
+        with full_precision(text):
+            text = text.float()
+            alpha = self.attention(text, text_mask)
+            h = torch.einsum("bkl,bld->bkd", alpha, text)  # Eq. 2
+            z = F.gelu(torch.einsum("bkd,kdh->bkh", h, self.w1) + self.b1)  # δ(W_1^i h_i)
+            r_layer = torch.einsum("bgh,gh->bg", z[:, self.layer_owner], self.w2) + self.b2
+            r_filter = torch.einsum("bgh,gh->bg", z[:, self.filter_owner], self.w3) + self.b3
         return Gates(r_layer, r_filter), alpha
 
 
-def binary_gates(relevance: torch.Tensor, training: bool, granularity: str = "batch"):
-    """Eqs. 4-5: returns (g, g_s).
+def straight_through(r: torch.Tensor) -> torch.Tensor:
+    """``1[r ≥ 0]`` with the gradient of ``σ(r)``. The value is exactly 0 or 1:
+    ``σ - σ.detach()`` is exactly 0, where ``(hard + σ) - σ`` would round 1 to 0.99999994."""
+    soft = torch.sigmoid(r)
+    return (r >= 0).to(soft.dtype) + (soft - soft.detach())
+
+
+def binary_gates(relevance: Gates, training: bool, granularity: str = "batch") -> tuple[Gates, Gates]:
+    """Eqs. 4-5 for both kinds of gate: returns (g, g_s), each a ``Gates``.
 
     Training: ``r̂ = r + ε``, ε ~ Logistic(0, 1); ``g_s = σ(r̂)``; ``g_h = 1[r̂ ≥ 0]`` with a
-    straight-through gradient; ``g`` is ``g_s`` or ``g_h`` with probability 0.5, chosen once per
-    batch or per element. Evaluation: no noise, ``g = g_h``, ``g_s = σ(r)``.
+    straight-through gradient; ``g = g_s`` if ``n_s ≥ 0.5`` else ``g_h``, ``n_s ~ U(0, 1)``. Per
+    ``"batch"`` there is one ``n_s`` for the batch, shared by the layer and the filter gates (the
+    paper's single draw); per ``"element"``, one for every gate of every expression.
+    Evaluation: no noise, ``g = g_h``, ``g_s = σ(r)``.
     """
-    if not training:
-        return (relevance >= 0).to(relevance.dtype), torch.sigmoid(relevance)
-    u = torch.rand_like(relevance).clamp_(1e-6, 1 - 1e-6)
-    noisy = relevance + torch.log(u) - torch.log1p(-u)
-    soft = torch.sigmoid(noisy)
-    # straight-through: the value is exactly 0/1 (soft - soft.detach() is exactly 0), the
-    # gradient is the soft gate's; (hard + soft) - soft would round 1 to 0.99999994
-    hard = (noisy >= 0).to(soft.dtype) + (soft - soft.detach())
-    if granularity == "batch":
-        use_soft = torch.rand((), device=relevance.device) >= 0.5
-    elif granularity == "element":
-        use_soft = torch.rand_like(relevance) >= 0.5
-    else:
+    if granularity not in ("batch", "element"):
         raise LadsError(f"model.gating.granularity must be 'batch' or 'element', got {granularity!r}")
-    return torch.where(use_soft, soft, hard), soft
+    if not training:
+        return relevance.map(lambda r: (r >= 0).to(r.dtype)), relevance.map(torch.sigmoid)
+    n_s = torch.rand((), device=relevance.layer.device) if granularity == "batch" else None
+
+    def gate(r):
+        u = torch.rand_like(r).clamp_(1e-6, 1 - 1e-6)
+        noisy = r + torch.log(u) - torch.log1p(-u)
+        soft, hard = torch.sigmoid(noisy), straight_through(noisy)
+        use_soft = (n_s if n_s is not None else torch.rand_like(r)) >= 0.5
+        return torch.where(use_soft, soft, hard), soft
+
+    (layer, layer_soft), (filt, filt_soft) = gate(relevance.layer), gate(relevance.filter)
+    return Gates(layer, filt), Gates(layer_soft, filt_soft)

@@ -9,25 +9,73 @@ from lads.config import Config, ModelConfig, load_config
 from lads.errors import LadsError
 from lads.models.backbone import VisualBackbone, downsample_mask, load_visual_weights
 from lads.models.fusion import ModalityInteraction
-from lads.models.gating import GateLayout, Gates, GatingNetwork, binary_gates
-from lads.models.losses import lads_loss
+from lads.models.gating import GateLayout, Gates, GatingNetwork, binary_gates, straight_through
+from lads.models.losses import expected_flops, lads_loss
 from lads.models.text import TextBackbone
+from lads.util.amp import full_precision
+from lads.util.flops import gate_costs
 
 
 class BoxHead(nn.Module):
     """Fused ``[CLS]`` -> 3-layer MLP (ReLU) -> sigmoid -> normalised (cx, cy, w, h)."""
 
-    def __init__(self, d_model: int, num_layers: int = 3):
+    def __init__(self, d_model: int, num_layers: int = 3, out: int = 4):
         super().__init__()
-        dims = [d_model] * num_layers + [4]
+        dims = [d_model] * num_layers + [out]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
 
+    def mlp(self, x):
+        with full_precision(x):
+            x = x.float()
+            for i, layer in enumerate(self.layers):
+                x = layer(x)
+                if i < len(self.layers) - 1:
+                    x = torch.relu(x)
+        return x
+
     def forward(self, x):
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = torch.relu(x)
-        return x.sigmoid()
+        return self.mlp(x).sigmoid()
+
+
+class TokenHead(nn.Module):
+    """Beyond the paper (docs/design.md §5a): a score per fused visual
+    token and, with ``box``, at every token a box read relative to its cell, as CenterNet reads
+    boxes: ``cx = (col + σ(t_x)) / w``, ``cy = (row + σ(t_y)) / h``, ``(w, h) = σ(t_w, t_h)``.
+
+    ``forward(tokens (B, h·w, d), visual_mask (B, h, w))`` -> scores (B, h·w), padding at
+    ``-inf``, and boxes (B, h·w, 4) as normalised (cx, cy, w, h), or None without ``box``.
+    """
+
+    def __init__(self, d_model: int, box: bool = True):
+        super().__init__()
+        self.score = nn.Linear(d_model, 1)
+        self.box = BoxHead(d_model, num_layers=2) if box else None
+
+    def forward(self, tokens, visual_mask):
+        h, w = visual_mask.shape[-2:]
+        with full_precision(tokens):
+            scores = self.score(tokens.float()).squeeze(-1).masked_fill(visual_mask.flatten(1), float("-inf"))
+            if self.box is None:
+                return scores, None
+            t = self.box(tokens)
+            rows = torch.arange(h, device=t.device, dtype=t.dtype).repeat_interleave(w)
+            cols = torch.arange(w, device=t.device, dtype=t.dtype).repeat(h)
+            boxes = torch.stack(((cols + t[..., 0]) / w, (rows + t[..., 1]) / h, t[..., 2], t[..., 3]), -1)
+        return scores, boxes
+
+
+def read_boxes(fused, text_len: int, visual_mask, head: BoxHead, token_head: TokenHead | None, use: str) -> dict:
+    """The heads on a fused sequence (B, L + h·w, d): ``boxes`` of the head ``use`` ("cls" or
+    "token"), ``heads`` (the boxes of each head that has a box), ``token_scores`` and
+    ``token_boxes`` (None without a token head)."""
+    out = {"heads": {"cls": head(fused[:, 0])}, "token_scores": None, "token_boxes": None}
+    if token_head is not None:
+        out["token_scores"], out["token_boxes"] = token_head(fused[:, text_len:], visual_mask)
+    if out["token_boxes"] is not None:
+        best = out["token_scores"].argmax(1)
+        out["heads"]["token"] = out["token_boxes"][torch.arange(len(best), device=best.device), best]
+    out["boxes"] = out["heads"][use]
+    return out
 
 
 class LADS(nn.Module):
@@ -40,12 +88,15 @@ class LADS(nn.Module):
         self.visual_backbone = VisualBackbone(v.width, v.norm, v.dilation, v.frozen_stages)
         if v.pretrained:
             load_visual_weights(self.visual_backbone, v.pretrained)
-        self.text_backbone = TextBackbone(t.name, t.num_layers, t.pretrained)
+        self.text_backbone = TextBackbone(t.name, t.num_layers, t.pretrained, t.frozen)
         self.fusion = ModalityInteraction(
             self.visual_backbone.num_channels, self.text_backbone.hidden_size,
             f.d_model, f.num_layers, f.num_heads, f.ffn_dim, f.dropout,
         )
         self.head = BoxHead(f.d_model)
+        check_heads(config)
+        w = config.loss
+        self.token_head = TokenHead(f.d_model, box=w.token_box > 0) if w.token or w.token_box else None
         self.layout = GateLayout.for_model(self.visual_backbone.blocks(), f.num_layers)
         if g.granularity not in ("batch", "element"):
             raise LadsError(f"model.gating.granularity must be 'batch' or 'element', got {g.granularity!r}")
@@ -62,23 +113,31 @@ class LADS(nn.Module):
     def gates(self, text, text_mask):
         """Gates, soft gates, relevance scores and α for a batch of expressions (Eqs. 1-5)."""
         relevance, alpha = self.gating(text, text_mask)
-        training, gran = self.training, self.config.gating.granularity
-        layer, layer_soft = binary_gates(relevance.layer, training, gran)
-        filt, filt_soft = binary_gates(relevance.filter, training, gran)
-        return Gates(layer, filt), Gates(layer_soft, filt_soft), relevance, alpha
+        gates, soft = binary_gates(relevance, self.training, self.config.gating.granularity)
+        return gates, soft, relevance, alpha
 
-    def ground(self, images, pixel_mask, text, text_mask, gates: Gates | None):
-        """The REC supernet with the given gates (None: every gate open) -> boxes (B, 4)."""
+    def ground(self, images, pixel_mask, text, text_mask, gates: Gates | None) -> dict:
+        """The REC supernet with the given gates (None: every gate open).
+
+        Returns ``boxes`` (B, 4) of the inference head (``model.head``), ``heads`` (the boxes of
+        each head), ``token_scores``/``token_boxes`` (the token head's, or None), ``grid`` (h, w)
+        and, while training with ``loss.deep``, ``deep_boxes`` of the earlier fusion layers.
+        """
         layer_gates = filter_gates = fusion_gates = None
         if gates is not None:
             layer_gates, filter_gates, fusion_gates = self.layout.split(gates)
         visual = self.visual_backbone(images, layer_gates, filter_gates)
         visual_mask = downsample_mask(pixel_mask, visual.shape[-2:])
-        fused = self.fusion(visual, visual_mask, text, text_mask, fusion_gates)
-        return self.head(fused)
+        deep = self.training and self.config.loss.deep > 0
+        fused, earlier = self.fusion(visual, visual_mask, text, text_mask, fusion_gates, every_layer=deep)
+        out = read_boxes(fused, text.shape[1], visual_mask, self.head, self.token_head, self.config.head)
+        out["deep_boxes"] = [self.head(x) for x in earlier]
+        out["grid"] = tuple(visual.shape[-2:])
+        return out
 
     def forward(self, images, pixel_mask, input_ids, attention_mask, gates: Gates | None = None):
-        """Boxes as normalised (cx, cy, w, h) of the padded square, with the gates used.
+        """Boxes as normalised (cx, cy, w, h) of the padded square, with the gates used and the
+        outputs of :meth:`ground`.
 
         ``gates`` forces hard gates (tests, analysis); by default the gating network decides.
         """
@@ -87,13 +146,24 @@ class LADS(nn.Module):
         out = {"gates": gates, "soft": None, "relevance": None, "alpha": None}
         if gates is None and self.gating is not None:
             out["gates"], out["soft"], out["relevance"], out["alpha"] = self.gates(text, text_mask)
+            if self.training:  # the FLOPs of the evaluation's gates 1[r ≥ 0], for loss.flops
+                hard = out["relevance"].map(straight_through)
+                out["flops"] = expected_flops(hard, self.layout, self.gate_costs())
         elif gates is not None:
             check_gates(gates, self.layout, images.shape[0])
-        out["boxes"] = self.ground(images, pixel_mask, text, text_mask, out["gates"])
+        out.update(self.ground(images, pixel_mask, text, text_mask, out["gates"]))
         return out
 
+    def gate_costs(self, text_len: int = 10) -> dict:
+        """FLOPs as a linear function of the gates at ``image_size`` and ``text_len`` tokens
+        (``lads.util.flops.gate_costs``; training uses 10), computed once per length."""
+        cache = self.__dict__.setdefault("_gate_costs", {})
+        if text_len not in cache:
+            cache[text_len] = gate_costs(self, self.config.image_size, text_len)
+        return cache[text_len]
+
     def extract_subnet(self, gates: Gates, fold_bn: bool = False):
-        """The static subnet of one expression's hard gates (DESIGN.md §3), eval mode only.
+        """The static subnet of one expression's hard gates (docs/design.md §3), eval mode only.
 
         >>> subnet = model.eval().extract_subnet(gates)  # then subnet(images, pixel_mask, F_l, mask)
         """
@@ -102,9 +172,8 @@ class LADS(nn.Module):
         return extract_subnet(self, gates, fold_bn)
 
     def loss(self, outputs, target_boxes):
-        """Eq. 9 on the outputs of ``forward``."""
-        w = self.config.loss
-        return lads_loss(outputs["boxes"], target_boxes, outputs["soft"], w.giou, w.mi)
+        """Eq. 9 on the outputs of ``forward``, plus the training-only terms of ``loss``."""
+        return lads_loss(outputs, target_boxes, self.config.loss)
 
     @classmethod
     def from_pretrained(cls, path, device=None) -> "LADS":
@@ -137,6 +206,18 @@ def check_inputs(images, pixel_mask, input_ids, attention_mask):
         raise LadsError(f"input_ids: expected a long tensor ({b}, L), got {_describe(input_ids)}")
     if not (torch.is_tensor(attention_mask) and tuple(attention_mask.shape) == tuple(input_ids.shape)):
         raise LadsError(f"attention_mask: expected a tensor {tuple(input_ids.shape)}, got {_describe(attention_mask)}")
+
+
+def check_heads(config: ModelConfig):
+    """The inference head exists and the token head's box is trained when it is the one used."""
+    w = config.loss
+    if config.head not in ("cls", "token"):
+        raise LadsError(f"model.head must be 'cls' (the paper) or 'token', got {config.head!r}")
+    if config.head == "token" and not (w.token > 0 and w.token_box > 0):
+        raise LadsError("model.head=token needs model.loss.token > 0 and model.loss.token_box > 0 (its training terms)")
+    for name in ("giou", "mi", "token", "token_box", "deep", "flops", "flops_target"):
+        if getattr(w, name) < 0:
+            raise LadsError(f"model.loss.{name} must be >= 0, got {getattr(w, name)}")
 
 
 def check_gates(gates: Gates, layout: GateLayout, batch: int):

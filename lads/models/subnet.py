@@ -1,4 +1,4 @@
-"""Real subnets (DESIGN.md §3): one expression's hard gates turned into a static module.
+"""Real subnets (docs/design.md §3): one expression's hard gates turned into a static module.
 
 The gates depend on the expression alone, so they are known before the image is touched. The
 extracted :class:`Subnet` holds copies of only what runs:
@@ -25,7 +25,7 @@ from lads.errors import LadsError
 from lads.models.backbone import Bottleneck, FrozenBatchNorm2d, downsample_mask
 from lads.models.fusion import GatedEncoderLayer, ModalityInteraction
 from lads.models.gating import Gates
-from lads.models.lads import check_gates
+from lads.models.lads import check_gates, read_boxes
 from lads.util.flops import attention_flops, conv_flops, linear_flops, pool_size
 
 # ----------------------------------------------------------------------------- building blocks
@@ -146,7 +146,8 @@ class FusionSublayer(nn.Module):
 
 
 class Subnet(nn.Module):
-    """The static network of one gate pattern: ``(images, pixel_mask, F_l, text_mask) -> boxes``.
+    """The static network of one gate pattern: ``(images, pixel_mask, F_l, text_mask)`` -> the
+    boxes of ``read_boxes`` (``boxes`` of the inference head, ``heads``, token scores and boxes).
 
     ``blocks``/``block_names``: the bottlenecks that run; ``sublayers``/``sublayer_names``: the
     fusion sublayers that run. Eval mode only; its parameters do not require grad.
@@ -180,6 +181,8 @@ class Subnet(nn.Module):
         self.sublayers = nn.ModuleList(sublayers)
         self.norm = copy.deepcopy(fusion.norm)
         self.head = copy.deepcopy(model.head)
+        self.token_head = copy.deepcopy(model.token_head)
+        self.use_head = model.config.head
         self.requires_grad_(False)
         self.eval()
 
@@ -191,7 +194,7 @@ class Subnet(nn.Module):
         x, pos, key_padding_mask = ModalityInteraction.tokens(self, x, visual_mask, text, text_mask)
         for sublayer in self.sublayers:
             x = sublayer(x, pos, key_padding_mask)
-        return self.head(self.norm(x[:, 0]))
+        return read_boxes(self.norm(x), text.shape[1], visual_mask, self.head, self.token_head, self.use_head)
 
     def train(self, mode: bool = True):
         if mode:
@@ -214,12 +217,17 @@ class Subnet(nn.Module):
             else:
                 fusion += linear_flops(sublayer.linear1, batch * tokens) + linear_flops(sublayer.linear2, batch * tokens)
         head = sum(linear_flops(layer, batch) for layer in self.head.layers)
+        if self.token_head is not None:
+            visual = batch * h * w
+            head += linear_flops(self.token_head.score, visual)
+            if self.token_head.box is not None:
+                head += sum(linear_flops(layer, visual) for layer in self.token_head.box.layers)
         return {"backbone": backbone, "fusion": fusion, "head": head, "total": backbone + fusion + head}
 
 
 def extract_subnet(model, gates: Gates, fold_bn: bool = False) -> Subnet:
     """The subnet of one expression's hard gates (``Gates`` of shape (24,)/(1, 24) and
-    (Σc_i,)/(1, Σc_i)); the supernet is left unchanged. DESIGN.md §3."""
+    (Σc_i,)/(1, Σc_i)); the supernet is left unchanged. docs/design.md §3."""
     if model.training:
         raise LadsError("extract_subnet: the model is in training mode; call model.eval() first")
     if not isinstance(gates, Gates):

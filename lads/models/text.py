@@ -1,4 +1,4 @@
-"""Linguistic backbone: a Hugging Face ``BertModel`` truncated at load time (DESIGN.md §2).
+"""Linguistic backbone: a Hugging Face ``BertModel`` truncated at load time (docs/design.md §2).
 
 Only the first ``num_layers`` encoder layers are built, so the dropped layers never run (the
 trap of running all 12 layers and reading the 6th). Output: ``F_l`` (B × L × d_l), ``[CLS]``
@@ -56,9 +56,17 @@ def _quiet_transformers():
 
 
 class TextBackbone(nn.Module):
-    """BERT encoder with ``num_layers`` layers; ``forward`` returns (F_l, attention_mask)."""
+    """BERT encoder with ``num_layers`` layers; ``forward`` returns (F_l, attention_mask).
 
-    def __init__(self, name: str, num_layers: int, pretrained: bool = True):
+    ``frozen``: no gradient and no dropout (eval mode even while the model trains); ``F_l`` of an
+    expression is then a function of its token ids alone, so it is computed once and cached
+    (bounded, oldest dropped first). Expressions missing from the cache are computed in groups
+    of one length, without padding, so a cached row does not depend on the rows it came with.
+    """
+
+    CACHE_BYTES = 1 << 30
+
+    def __init__(self, name: str, num_layers: int, pretrained: bool = True, frozen: bool = False):
         super().__init__()
         from transformers import BertConfig, BertModel
 
@@ -78,7 +86,41 @@ class TextBackbone(nn.Module):
         else:
             self.bert = BertModel(config, add_pooling_layer=False)
         self.hidden_size = config.hidden_size
+        self.frozen = frozen
+        self.cache: dict[bytes, torch.Tensor] = {}
+        self.cache_bytes = 0
+        if frozen:
+            self.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        return super().train(mode and not self.frozen)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        out = self.bert(input_ids=input_ids, attention_mask=attention_mask)
-        return out.last_hidden_state, attention_mask.bool()
+        mask = attention_mask.bool()
+        if not self.frozen:
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state, mask
+        lengths = mask.sum(1).tolist()
+        keys = [input_ids[i, :n].cpu().numpy().tobytes() for i, n in enumerate(lengths)]
+        found = {key: self.cache[key] for key in keys if key in self.cache}
+        missing = {}
+        for i, (key, n) in enumerate(zip(keys, lengths)):
+            if key not in found:
+                missing.setdefault(n, {})[key] = i
+        with torch.no_grad():
+            for n, rows in missing.items():
+                ids = input_ids[list(rows.values()), :n]
+                features = self.bert(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+                for key, f in zip(rows, features):
+                    found[key] = f.clone()
+                    self._store(key, found[key])
+            like = next(iter(found.values()))
+            out = torch.zeros((*input_ids.shape, self.hidden_size), dtype=like.dtype, device=like.device)
+            for i, (key, n) in enumerate(zip(keys, lengths)):
+                out[i, :n] = found[key]
+        return out, mask
+
+    def _store(self, key: bytes, features: torch.Tensor):
+        self.cache[key] = features
+        self.cache_bytes += features.nbytes
+        while self.cache_bytes > self.CACHE_BYTES and len(self.cache) > 1:
+            self.cache_bytes -= self.cache.pop(next(iter(self.cache))).nbytes

@@ -75,8 +75,9 @@ def read_meta(path) -> tuple[Path, dict, dict]:
     return path, json.loads((path / CONFIG).read_text()), meta
 
 
-def load_weights(path: Path, model) -> None:
-    """Load ``model.safetensors`` into ``model`` strictly, naming the keys that differ."""
+def load_weights(path: Path, model, new: str | None = None) -> None:
+    """Load ``model.safetensors`` into ``model`` strictly, naming the keys that differ; only
+    the keys under the prefix ``new`` (a module the checkpoint did not have) may be missing."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -86,13 +87,15 @@ def load_weights(path: Path, model) -> None:
         raise LadsError(f"{path / WEIGHTS}: cannot read the weights ({e})") from None
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if new:
+        missing = [k for k in missing if not k.startswith(new)]
     wrong = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
     if missing or unexpected or wrong:
         raise LadsError(
             f"{path / WEIGHTS} does not fit this model's config: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}, other shapes {sorted(wrong)[:5]}"
         )
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=not new)
 
 
 def load_training_state(path: Path) -> dict:

@@ -58,3 +58,39 @@ def attention_flops(attn: nn.MultiheadAttention, batch: int, length: int) -> int
     d = attn.embed_dim
     projections = 4 * 2 * batch * length * d * d
     return projections + 4 * batch * length * length * d  # Σ over heads of 2·L·L·d_head, twice
+
+
+def gate_costs(model, image_size: int, text_len: int) -> dict[str, torch.Tensor]:
+    """The FLOPs of one expression as a linear function of its gates, for ``loss.flops``:
+    ``fixed + Σ_b run_b · (block_b + filter_b · Σ_j g_bj) + Σ_k fusion_k · g_k``, where
+    ``run_b`` is bottleneck b's layer gate (1 for the 4 projection bottlenecks), ``g_bj`` its
+    filter gates and ``g_k`` the fusion sublayer gates. The counts are those of
+    ``Subnet.analytic_flops`` at ``image_size`` and ``text_len`` tokens (exact for hard gates,
+    but for a bottleneck with every filter closed, whose ``conv1`` no longer runs)."""
+    backbone, fusion = model.visual_backbone, model.fusion
+    h = w = image_size
+    fixed, h, w = conv_flops(backbone.conv1, 1, h, w)
+    h, w = pool_size(backbone.maxpool, h, w)
+    block, per_filter = [], []
+    for _, b in backbone.blocks():
+        cost, _, _ = conv_flops(b.conv1, 1, h, w)
+        if b.downsample is not None:
+            cost += conv_flops(b.downsample[0], 1, h, w)[0]
+        conv2, h, w = conv_flops(b.conv2, 1, h, w)
+        conv3 = conv_flops(b.conv3, 1, h, w)[0]
+        block.append(cost)
+        per_filter.append(conv2 / b.conv2.out_channels + conv3 / b.conv3.in_channels)
+    tokens = text_len + h * w
+    fixed += conv_flops(fusion.visual_proj, 1, h, w)[0] + linear_flops(fusion.text_proj, text_len)
+    fixed += sum(linear_flops(layer, 1) for layer in model.head.layers)
+    if model.token_head is not None:
+        fixed += linear_flops(model.token_head.score, h * w)
+        if model.token_head.box is not None:
+            fixed += sum(linear_flops(layer, h * w) for layer in model.token_head.box.layers)
+    sublayers = []
+    for layer in fusion.layers:
+        sublayers.append(attention_flops(layer.self_attn, 1, tokens))
+        sublayers.append(linear_flops(layer.linear1, tokens) + linear_flops(layer.linear2, tokens))
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    return {"fixed": as_tensor(float(fixed)), "block": as_tensor(block), "filter": as_tensor(per_filter),
+            "fusion": as_tensor(sublayers)}
