@@ -222,7 +222,7 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     log = MetricLog(out, dist.is_main())
-    bar = _progress(total_steps, step, enabled=dist.is_main())
+    bar = _Progress(total_steps, step, t.max_minutes, trained_s, enabled=dist.is_main())
     start, last_log, samples_since = time.time() - trained_s, time.time(), 0
     status = "finished"
 
@@ -288,7 +288,7 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             samples_since += t.batch_size
-            bar.update(1)
+            bar.update(step, time.time() - start)
             if dist.is_main() and (step % t.log_every == 0 or step == total_steps):
                 now = time.time()
                 record = {"step": step, "epoch": round(step / steps_per_epoch, 3), **terms_sum,
@@ -298,7 +298,7 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
                     record["open_layers"] = float(np.mean([r[0] for r in gate_rates]))
                     record["open_filters"] = float(np.mean([r[1] for r in gate_rates]))
                 log.write(record)
-                bar.set_postfix(loss=f"{terms_sum['loss']:.3f}")
+                bar.postfix(step=step, loss=f"{terms_sum['loss']:.3f}")
                 last_log, samples_since = now, 0
             out_of_time = t.max_minutes is not None and time.time() - start > 60 * t.max_minutes
             reason = _agree_to_stop(stop.signal, out_of_time, device)
@@ -377,10 +377,27 @@ def _agree_to_stop(signal_name, out_of_time, device) -> str | None:
     return {0.0: None, 1.0: "time budget", 2.0: signal_name or "signal"}[flag.item()]
 
 
-def _progress(total, initial, enabled):
-    from tqdm.auto import tqdm
+class _Progress:
+    """A progress bar in steps, or in training seconds when the run has a time budget (the
+    step count then stands beside it)."""
 
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+    def __init__(self, total_steps, step, max_minutes, trained_s, enabled):
+        from tqdm.auto import tqdm
+
+        self.timed = max_minutes is not None
+        total, initial = (round(60 * max_minutes), round(trained_s)) if self.timed else (total_steps, step)
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled, desc="train",
+                        unit="s" if self.timed else "step", dynamic_ncols=True)
+
+    def update(self, step: int, seconds: float):
+        done = round(seconds) if self.timed else step
+        self.bar.update(min(done, self.bar.total) - self.bar.n)
+
+    def postfix(self, **values):
+        self.bar.set_postfix(**values)
+
+    def close(self):
+        self.bar.close()
 
 
 # ----------------------------------------------------------------------------- evaluation
