@@ -35,7 +35,8 @@ def add_arguments(parser):
     parser.add_argument("--out", required=True, help="output folder for the figures, stats.json and report.html")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output folder")
     parser.add_argument("--limit", type=int, default=None, help="analyse the first N expressions only")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=128,
+                        help="expressions per batch when computing the gates (default 128)")
 
 
 def run(args):

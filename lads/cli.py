@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from lads import __version__
 
@@ -21,6 +22,7 @@ COMMANDS = {
     "predict": ("lads.predict", "boxes for your own image and expressions"),
     "bench": ("lads.bench", "time and count FLOPs of dense, masked and extracted subnets"),
     "analyze": ("lads.analyze", "see the subnets over a split: selection rates, t-SNE, drawings, word clouds"),
+    "serve": ("lads.serve", "a web page to try a model, and an HTTP API to call it"),
 }
 
 
@@ -60,16 +62,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     from lads.errors import LadsError
-
     from lads.util.dist import cleanup
 
-    try:
-        return chosen.run(args) or 0
-    except LadsError as e:
-        print(f"lads {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        cleanup()
+    command = " ".join(filter(None, [args.command, getattr(args, "data_command", None)]))
+    with warnings.catch_warnings():  # warnings as one line each, as errors are
+        warnings.showwarning = lambda message, *_, **__: print(f"lads {command}: warning: {message}", file=sys.stderr)
+        try:
+            return chosen.run(args) or 0
+        except LadsError as e:
+            print(f"lads {command}: error: {e}", file=sys.stderr)
+            return 2
+        finally:
+            cleanup()
 
 
 if __name__ == "__main__":

@@ -161,12 +161,25 @@ class DemoConfig:
 
 
 @dataclass
+class ServeConfig:
+    """``lads serve``: where it listens and what one request may hold."""
+
+    host: str = "127.0.0.1"  # this machine only; 0.0.0.0 opens it to the network
+    port: int = 8000
+    max_image_mb: float = 20.0
+    max_megapixels: float = 40.0
+    max_expressions: int = 16  # per request
+    max_expression_chars: int = 500
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -471,14 +471,8 @@ def evaluate(model, dataset, batch_size: int = 32, mode: str = "subnet", num_wor
 def _kept(model, gates, j, text_len: int) -> dict:
     """Layers (bottlenecks and sublayers), filters and FLOPs (a fraction of the dense network's,
     at the expression's length) of expression ``j``'s subnet."""
-    from lads.models.losses import expected_flops
-    from lads.predict import subnet_summary
-
-    kept = subnet_summary(model, gates, j)
-    flops = 1.0
-    if gates is not None and model.gating is not None:
-        flops = expected_flops(gates.map(lambda g: g[j:j + 1].float().cpu()), model.layout,
-                               model.gate_costs(text_len)).item()
+    kept = model.layout.summary(gates, j)
+    flops = model.subnet_flops(gates, j, text_len)
     return {"layers": kept["visual_layers"] + kept["fusion_sublayers"], "filters": kept["filters"], "flops": flops}
 
 

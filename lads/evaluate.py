@@ -13,7 +13,7 @@ def add_arguments(parser):
     parser.add_argument("--splits", nargs="+", help="splits to evaluate (default: the config's data.eval_splits)")
     parser.add_argument("--mode", choices=["subnet", "masked", "dense"], default="subnet",
                         help="extracted subnets (default), masked supernet, or every gate open")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="expressions per batch (default 32)")
     parser.add_argument("--out", help="write the table as OUT.md and OUT.json")
 
 

@@ -11,18 +11,89 @@ then grounds every expression in one of three modes:
 
 from __future__ import annotations
 
+import textwrap
 import time
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from lads.errors import LadsError
+from lads.errors import LadsError, warn
 from lads.models.gating import Gates
 from lads.models.lads import check_inputs
 from lads.models.subnet import Subnet, extract_subnet
 
 MODES = ("dense", "masked", "subnet")
+
+
+def tokenize(tokenizer, expressions: list[str], max_tokens: int) -> dict:
+    """Token ids with ``[CLS]`` first; an empty expression is an error, a long one is truncated
+    (one warning per call, naming how many and the first, abbreviated)."""
+    for e in expressions:
+        if not isinstance(e, str) or not e.strip():
+            raise LadsError(f"expression {e!r} is empty")
+    lengths = [len(ids) for ids in tokenizer(expressions, add_special_tokens=True)["input_ids"]]
+    long = [(e, n) for e, n in zip(expressions, lengths) if n > max_tokens]
+    if long:
+        e, n = long[0]
+        warn(f"{len(long)} expression(s) longer than model.text.max_tokens = {max_tokens} tokens were "
+             f"truncated (first: {textwrap.shorten(e, 60)!r}, {n} tokens)")
+    return tokenizer(expressions, max_length=max_tokens, truncation=True, padding=True, return_tensors="pt")
+
+
+def prepare_inputs(image, expressions: list[str] | str, config, tokenizer) -> tuple[dict, dict]:
+    """The model's inputs for one image and its expressions: ``images`` (B, 3, S, S),
+    ``pixel_mask``, ``input_ids``, ``attention_mask`` (row i: expression i on the image), and the
+    letterbox's ``meta`` for ``box_to_original``. ``image``: a path or a PIL image (EXIF
+    orientation honoured); ``config``: the model's ``ModelConfig``."""
+    from lads.datasets.images import open_rgb, to_rgb
+    from lads.datasets.transforms import eval_transform
+
+    expressions = [expressions] if isinstance(expressions, str) else list(expressions)
+    if not expressions:
+        raise LadsError("give at least one expression")
+    pil = open_rgb(str(image)) if isinstance(image, (str, Path)) else to_rgb(image)
+    tokens = tokenize(tokenizer, expressions, config.text.max_tokens)
+    tensor, pixel_mask, _, _, meta = eval_transform(pil, None, "", config.image_size)
+    n = len(expressions)
+    inputs = {"images": tensor[None].expand(n, -1, -1, -1), "pixel_mask": pixel_mask[None].expand(n, -1, -1),
+              "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+    return inputs, meta
+
+
+def predict(model, image, expressions: list[str] | str, mode: str = "subnet", tokenizer=None) -> list[dict]:
+    """Boxes ``[x1, y1, x2, y2]`` in original image pixels, one dict per expression, with the
+    subnet that found it (``describe``). The model keeps a runner, hence a cache of subnets,
+    between calls."""
+    from lads.models.text import load_tokenizer
+
+    tokenizer = tokenizer or load_tokenizer(model.config.text.name)
+    inputs, meta = prepare_inputs(image, expressions, model.config, tokenizer)
+    device = next(model.parameters()).device
+    model.eval()
+    if getattr(model, "_runner", None) is None:
+        model._runner = SubnetRunner(model)
+    result = model._runner(**{k: v.to(device) for k, v in inputs.items()}, mode=mode)
+    return describe(model, result, meta, [expressions] if isinstance(expressions, str) else list(expressions),
+                    inputs["attention_mask"])
+
+
+def describe(model, result: dict, meta: dict, expressions: list[str], attention_mask) -> list[dict]:
+    """One dict per expression of a runner's ``result``: the box in original image pixels, the
+    subnet's size (``GateLayout.summary``), its FLOPs as a fraction of the dense network's at the
+    expression's length, and whether the subnet came from the cache."""
+    from lads.datasets.transforms import box_to_original
+
+    cached = {row: hit for rows, hit in zip(result["groups"], result["cached"]) for row in rows}
+    out = []
+    for j, expression in enumerate(expressions):
+        box = box_to_original(result["boxes"][j].float().cpu(), meta)
+        out.append({"expression": expression, "box": [round(float(v), 2) for v in box],
+                    **model.layout.summary(result["gates"], j),
+                    "flops": round(model.subnet_flops(result["gates"], j, int(attention_mask[j].sum())), 4),
+                    "cache_hit": cached.get(j)})
+    return out
 
 
 def gate_key(gates: Gates, row: int) -> bytes:
@@ -59,7 +130,8 @@ class SubnetRunner:
     - ``gates``: the hard ``Gates`` applied (all ones in ``dense`` mode or for a dense model);
     - ``times``: seconds, ``text`` (text backbone + gating), ``extract`` (subnet extraction,
       0 on cache hits), ``forward`` (visual backbone + fusion + head), ``total``;
-    - ``groups``: lists of row indices run together (one forward each);
+    - ``groups``: lists of row indices run together (one forward each), and ``cached``: for
+      each group, whether its subnet came from the cache (None outside ``subnet`` mode);
     - ``cache``: ``{"hits": n, "misses": n}`` for this call.
     """
 
@@ -108,6 +180,7 @@ class SubnetRunner:
         times = {"text": clock.lap(), "extract": 0.0, "forward": 0.0}
 
         hits = misses = 0
+        cached = []
         if mode == "subnet":
             groups = group_by_pattern(gates)
             heads = {}
@@ -115,6 +188,7 @@ class SubnetRunner:
             for key, rows in groups.items():
                 subnet, hit = self.subnet(key, gates.map(lambda g: g[rows[:1]]))
                 hits, misses = hits + hit, misses + (not hit)
+                cached.append(hit)
                 times["extract"] += clock.lap()
                 idx = torch.tensor(rows, device=images.device)
                 out = subnet(images[idx], pixel_mask[idx], text[idx], text_mask[idx])
@@ -125,10 +199,10 @@ class SubnetRunner:
         else:
             heads = model.ground(images, pixel_mask, text, text_mask, None if mode == "dense" else gates)["heads"]
             times["forward"] = clock.lap()
-            groups = [list(range(len(images)))]
+            groups, cached = [list(range(len(images)))], [None]
         times["total"] = sum(times.values())
         return {"boxes": heads[model.config.head], "heads": heads, "gates": gates, "times": times,
-                "groups": groups, "cache": {"hits": hits, "misses": misses}}
+                "groups": groups, "cached": cached, "cache": {"hits": hits, "misses": misses}}
 
 
 class _Clock:

@@ -32,17 +32,6 @@ def tiny_bert_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def bert_base_config_dir(tmp_path_factory) -> str:
-    """A BERT-base-sized config (768 hidden, 12 heads, 3072 FFN) with 8 layers, config only:
-    what ``model.text.pretrained=false`` needs where bert-base-uncased cannot download."""
-    from transformers import BertConfig
-
-    path = tmp_path_factory.mktemp("bert-base-config")
-    BertConfig(num_hidden_layers=8).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="session")
 def make_tiny(tiny_bert_dir):
     """``make_tiny(*overrides, seed=0)``: the ``tiny`` preset with the tiny random BERT."""
     from lads.models import build_model

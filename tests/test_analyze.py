@@ -229,3 +229,49 @@ def test_dense_model_is_refused(model, tmp_path):
             analyze(model, ["the star"], out_dir=tmp_path / "x")
     finally:
         model.gating = gating
+
+
+def test_fig5_with_few_distinct_patterns_keeps_every_text_apart():
+    """30 expressions sharing 3 gate sets: the map still renders, each set drawn as a disc of its
+    expressions, and no text box (title, region numbers, legend, captions) covers another."""
+    from lads.analysis.figures import tsne_figure
+
+    layer, filt = np.repeat(LAYER[:3], 10, axis=0), np.repeat(FILTER[:3], 10, axis=0)
+    expressions = [f"the {i}th expression, long enough to need shortening in a caption" for i in range(30)]
+    fig, labelled = tsne_figure(layer, filt, expressions, ["a", "b", "c"] * 10)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for ax in fig.axes for t in [*ax.texts, ax.title] if t.get_text()]
+    boxes += [ax.get_legend().get_window_extent(renderer) for ax in fig.axes if ax.get_legend()]
+    assert len(boxes) == 1 + 3 + 1 + 1  # title, 3 region numbers, the captions, the legend
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not a.overlaps(b), (a, b)
+    assert len(labelled) == 3
+    points = np.concatenate([c.get_offsets() for c in fig.axes[0].collections])
+    assert len(np.unique(points.round(6), axis=0)) == 30  # spread, not 3 dots
+
+
+def test_filters_kept_one_definition(model, synth_data, tmp_path):
+    """predict, eval and analyze count a subnet's filters alike, as counted here by hand: the open
+    filter gates of the bottlenecks that run (a skipped bottleneck runs none of them)."""
+    from lads.datasets import load_records
+    from lads.datasets.dataset import RecDataset
+    from lads.engine import evaluate
+
+    records, _ = load_records(synth_data, "test")
+    layout, by_hand, open_gates = model.layout, [], []
+    for r in records:
+        with torch.no_grad():
+            gates = model(**model.prepare(r.image, [r.expression]))["gates"]
+        runs = [i not in layout.layer_slot or gates.layer[0, layout.layer_slot[i]] == 1 for i in range(layout.num_visual)]
+        by_hand.append(sum(int(gates.filter[0, s].sum()) for s, run in zip(layout.filter_slices, runs) if run))
+        open_gates.append(int(gates.filter[0].sum()))
+    assert any(h < o for h, o in zip(by_hand, open_gates))  # the two definitions differ here
+
+    assert [model.predict(r.image, [r.expression])[0]["filters"] for r in records] == by_hand
+    evaluated = evaluate(model, RecDataset(records, model.tokenizer, model.config.image_size,
+                                              model.config.text.max_tokens), progress=False)
+    assert evaluated["filters_kept"] == pytest.approx(np.mean(by_hand))
+    analysed = analyze(model, [r.expression for r in records], out_dir=tmp_path / "a", progress=False)
+    assert analysed["stats"]["subnet"]["filters_kept"] == pytest.approx(np.mean(by_hand))

@@ -105,6 +105,27 @@ def test_cli_version_and_help():
     assert help_.returncode == 0 and "info" in help_.stdout and "data" in help_.stdout
 
 
+def test_every_option_of_every_command_has_a_help_text():
+    import argparse
+    import importlib
+
+    from lads.cli import COMMANDS
+    from lads.datasets.cli import SUBCOMMANDS
+
+    modules = {name: module for name, (module, _) in COMMANDS.items() if name != "data"}
+    modules.update({f"data {name}": module for name, (module, _) in SUBCOMMANDS.items()})
+    for name, module in modules.items():
+        parser = argparse.ArgumentParser()
+        importlib.import_module(module).add_arguments(parser)
+        silent = [a.option_strings or a.dest for a in parser._actions if not a.help]
+        assert not silent, f"lads {name}: no help text for {silent}"
+
+
+def test_errors_name_the_whole_command(tmp_path):
+    result = lads("data", "stats", str(tmp_path / "nowhere"))
+    assert result.returncode == 2 and result.stderr.startswith("lads data stats: error: ")
+
+
 def test_cli_info_tiny():
     """``lads info --config tiny`` builds the preset as shipped (the MiniLM text model)."""
     result = lads("info", "--config", "tiny")

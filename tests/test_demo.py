@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from lads.cli import main as lads_main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SMALL = ["demo.images=24", "demo.shared_minutes=0.03", "demo.minutes=0.03", "pretrain.max_minutes=0.02",
          "pretrain.batch_size=4", "model.image_size=64", "model.visual.width=8", "model.fusion.d_model=32",
@@ -26,6 +34,7 @@ def test_demo_end_to_end_then_rerun_reuses(tmp_path, tiny_text_dir, capsys):
     for row in ("LADS (lads), token head", "LADS (lads), [CLS] head (paper)", "dense (dense), token head"):
         assert row in report
     assert "| stage 1: dense, shared |" in report and "| stage 2: LADS |" in report
+    assert "| pre-training of the visual backbone |" in report and "**warning**" not in report
     assert (out / "curves.png").stat().st_size > 0 and "curves.png" in report
     rows = json.loads((out / "results.json").read_text())
     assert [set(r["splits"]) for r in rows] == [{"test", "heldout"}] * 2
@@ -33,6 +42,36 @@ def test_demo_end_to_end_then_rerun_reuses(tmp_path, tiny_text_dir, capsys):
     assert lads_meta["model"]["init"] == str(out / "shared" / "checkpoint")  # stage 2 starts from stage 1
     capsys.readouterr()
 
+    meta = json.loads((out / "pretrain" / "meta.json").read_text())
+    (out / "pretrain" / "meta.json").write_text(json.dumps({**meta, "minutes": 60.0}))  # as if starved
     assert lads_main(args) == 0  # a rerun trains nothing again
     printed = capsys.readouterr().out
     assert printed.count("done already") == 3 and "reusing the synthetic benchmark" in printed
+    report = (out / "report.md").read_text()
+    assert "- **warning**: pre-training of the visual backbone ran at 0 samples/s, far below" in report
+
+
+@pytest.mark.slow
+def test_a_signal_stops_the_whole_demo_and_a_rerun_resumes_it(tmp_path, tiny_text_dir):
+    out = tmp_path / "demo"
+    overrides = [*SMALL, "demo.shared_minutes=0.5", f"model.text.name={tiny_text_dir}"]
+    command = [sys.executable, "-m", "lads.cli", "demo", "--out", str(out), *sum((["--set", o] for o in overrides), [])]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("[3/9]"):
+            break
+    deadline = time.time() + 60
+    while not (out / "shared" / "log.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)  # stage 1 has started training
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2, stderr
+    assert "stopped by SIGTERM during stage 1" in stderr and "run the demo again" in stderr
+    assert "[4/9]" not in stdout and not (out / "lads").exists() and not (out / "report.md").exists()
+    assert json.loads((out / "shared" / "checkpoint" / "meta.json").read_text())["reason"] == "SIGTERM"
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming from" in rerun.stdout + rerun.stderr and (out / "report.md").exists()

@@ -71,8 +71,8 @@ def parse_info(text: str) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def paper_overrides(bert_base_config_dir):
-    return [f"model.text.name={bert_base_config_dir}", "model.text.pretrained=false"]
+def paper_overrides():
+    return ["model.text.pretrained=false"]  # bert-base-uncased's shapes, no file needed
 
 
 def test_paper_scale_preset_counts(paper_overrides, capsys):

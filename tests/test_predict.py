@@ -76,11 +76,13 @@ def test_predict_bad_input(model, photos, tmp_path):
     not_an_image.write_text("not an image")
     with pytest.raises(LadsError, match="notes.jpg"):
         model.predict(not_an_image, ["the star"])
-    long = " ".join(["the red circle"] * 30)
+    long = " ".join(["the red circle"] * 170)  # 510 words
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model.predict(folder / "scene.jpg", [long])
-    assert any("truncated" in str(w.message) for w in caught)
+        model.predict(folder / "scene.jpg", [long, long, "the star"])
+    (warning,) = caught  # one for the call, pointing at the caller's line, the expression abbreviated
+    assert "2 expression(s) longer than model.text.max_tokens" in str(warning.message)
+    assert warning.filename == __file__ and len(str(warning.message)) < 250
 
 
 def test_predict_command_writes_json_and_a_picture(trained, photos, tmp_path):
@@ -93,6 +95,37 @@ def test_predict_command_writes_json_and_a_picture(trained, photos, tmp_path):
     assert len(predictions) == 2 and all(len(p["box"]) == 4 for p in predictions)
     assert "filters" in result.stderr  # the one-line subnet summaries
     assert Image.open(out).size[0] > 0
+
+    long = " ".join(["the red circle"] * 170)
+    result = lads_cli("predict", "--checkpoint", trained[0], "--image", folder / "scene.jpg", "--expr", long)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("lads predict: warning: 1 expression(s) longer")
+    assert len(lines[1]) < 200 and "filters" in lines[1]  # the summary abbreviates the expression
+
+
+def test_drawing_shows_the_true_box_dashed_and_keeps_labels_apart(photos, tmp_path):
+    from PIL import ImageDraw
+
+    from lads.predict import COLOURS, _free_spot, draw
+
+    folder, (width, height), _ = photos
+    box, truth = [10.0, 10.0, 40.0, 30.0], [12.0, 40.0, 42.0, 60.0]
+    predictions = [{"expression": f"expression {i}", "box": box} for i in range(3)]
+    picture = Image.open(draw(folder / "scene.jpg", predictions, tmp_path / "p.png", truths=[truth, None, None]))
+    factor = picture.width // width
+    red = tuple(int(COLOURS[0][i:i + 2], 16) for i in (1, 3, 5))
+    edge = [picture.getpixel((x, int(truth[1] * factor))) for x in range(int(truth[0] * factor) + 2, int(truth[2] * factor) - 2)]
+    painted = [p[:3] == red for p in edge]
+    assert 0.3 < sum(painted) / len(painted) < 0.8  # dashed: painted and gaps along the true box's top edge
+
+    canvas = ImageDraw.Draw(picture)
+    placed = []
+    for i in range(6):  # six labels for one box: each placed below the others, none covering another
+        x, y = _free_spot(canvas, f"{i}: the same box (IoU 0.50)", [v * factor for v in box], placed, picture.size)
+        rect = canvas.textbbox((x, y), f"{i}: the same box (IoU 0.50)")
+        assert not any(rect[0] < r[2] and r[0] < rect[2] and rect[1] < r[3] and r[1] < rect[3] for r in placed)
+        placed.append(rect)
 
 
 def test_eval_command_table(trained, synth_data, tmp_path):

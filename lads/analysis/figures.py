@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from lads.analysis.stats import candidate_runs, filters_kept, layers_kept, stage_first_blocks  # noqa: E402
+from lads.analysis.stats import stage_first_blocks  # noqa: E402
 
 STAGE_COLOURS = ["#4c72b0", "#55a868", "#c44e52", "#8172b2"]
 ATTN_COLOUR, FFN_COLOUR, SKIPPED = "#dd8452", "#937860", "#d9d9d9"
@@ -49,7 +49,7 @@ def filter_rates(filt: np.ndarray, layout, path: Path) -> Path:
 
 def layer_rates(layer: np.ndarray, layout, path: Path) -> Path:
     """Fig. 4b: selection rate of every candidate layer; projection blocks (no gate) hatched."""
-    runs = candidate_runs(layer, layout).mean(0)
+    runs = layout.runs(layer).mean(0)
     fig, ax = plt.subplots(figsize=(10, 3.6))
     for i, c in enumerate(layout.candidates):
         if i < layout.num_visual:
@@ -69,7 +69,8 @@ def layer_rates(layer: np.ndarray, layout, path: Path) -> Path:
 
 def layers_per_expression(layer: np.ndarray, layout, path: Path) -> Path:
     """Fig. 4c: how many layers each expression's subnet keeps, per module."""
-    visual, interaction = layers_kept(layer, layout)
+    kept = layout.kept(layer)
+    visual, interaction = kept["visual_layers"], kept["fusion_sublayers"]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), layout="constrained")
     for ax, values, top, title in (
         (axes[0], visual, layout.num_visual, "visual backbone (bottlenecks)"),
@@ -105,44 +106,89 @@ def filters_per_expression(filt: np.ndarray, layout, path: Path) -> Path:
 
 
 def tsne_map(layer, filt, expressions, expr_types, path: Path, regions: int = 6, seed: int = 0):
-    """Fig. 5: t-SNE of the gate sets G = {g_L, g_C} (one point per expression), coloured by
-    expression type when known; k-means regions labelled with expressions near their centres.
-    Returns (path, {region: [expressions]})."""
+    """Fig. 5 written to ``path``; returns (path, {region: [expressions]}) (``tsne_figure``)."""
+    fig, labelled = tsne_figure(layer, filt, expressions, expr_types, regions, seed)
+    return _save(fig, path), labelled
+
+
+def tsne_figure(layer, filt, expressions, expr_types, regions: int = 6, seed: int = 0):
+    """Fig. 5: t-SNE of the gate sets G = {g_L, g_C}, one point per expression, coloured by
+    expression type when known. Identical gate sets share one position (t-SNE runs on the
+    distinct sets), their expressions spread around it in a disc whose area grows with their
+    number, so that a pattern shared by many expressions looks big, not like one dot. k-means
+    regions are numbered on the map and captioned beside it with expressions near their centres.
+    Returns (figure, {region: [expressions]})."""
     from sklearn.cluster import KMeans
     from sklearn.manifold import TSNE
 
     n = len(expressions)
     gates = np.concatenate([layer, filt], 1)
-    xy = TSNE(2, perplexity=min(30.0, (n - 1) / 3), init="random", random_state=seed).fit_transform(gates)
-    fig, ax = plt.subplots(figsize=(9, 7))
+    patterns, which, counts = np.unique(gates, axis=0, return_inverse=True, return_counts=True)
+    which = which.reshape(-1)
+    if len(patterns) >= 5:
+        centres = TSNE(2, perplexity=min(30.0, (len(patterns) - 1) / 3), init="random",
+                       random_state=seed).fit_transform(patterns)
+    else:  # too few for t-SNE: the distinct sets on a circle
+        angles = 2 * np.pi * np.arange(len(patterns)) / len(patterns)
+        centres = 10 * np.stack([np.cos(angles), np.sin(angles)], 1)
+    spread = 0.08 * max(np.ptp(centres, 0).max(), 1.0) / np.sqrt(max(counts.max(), 1))
+    rng = np.random.default_rng(seed)
+    radius = spread * np.sqrt(counts[which]) * np.sqrt(rng.random(n))
+    angle = 2 * np.pi * rng.random(n)
+    xy = centres[which] + np.stack([radius * np.cos(angle), radius * np.sin(angle)], 1)
+
+    fig, (ax, side) = plt.subplots(1, 2, figsize=(13, 7), width_ratios=[2.2, 1], layout="constrained")
+    side.axis("off")
+    top = 1.0
     if expr_types is not None:
         for k, t in enumerate(sorted(set(expr_types))):
             mask = np.array([e == t for e in expr_types])
-            ax.scatter(*xy[mask].T, s=8, alpha=0.6, color=plt.cm.tab10(k), label=f"{t} ({mask.sum()})")
-        ax.legend(title="expression type", fontsize=8, markerscale=2)
+            ax.scatter(*xy[mask].T, s=8, alpha=0.6, color=plt.cm.tab10(k % 10), label=f"{t} ({mask.sum()})")
+        legend = side.legend(*ax.get_legend_handles_labels(), title="expression type", fontsize=8, markerscale=2,
+                             loc="upper left", bbox_to_anchor=(0, 1))
+        fig.canvas.draw()
+        top = side.transAxes.inverted().transform(legend.get_window_extent(fig.canvas.get_renderer()).p0)[1] - 0.04
     else:
         ax.scatter(*xy.T, s=8, alpha=0.6, color="#4c72b0")
-    k = min(regions, n // 3)
-    km = KMeans(k, n_init=4, random_state=seed).fit(xy)
-    labelled = {}
+    km = KMeans(min(regions, len(patterns), n), n_init=4, random_state=seed).fit(xy)
+    labelled, numbers, captions = {}, [], []
     for r, centre in enumerate(km.cluster_centers_):
-        nearest = np.argsort(((xy - centre) ** 2).sum(1))[:3]
-        samples = list(dict.fromkeys(expressions[j] for j in nearest))
+        nearest = np.argsort(((xy - centre) ** 2).sum(1))
+        samples = list(dict.fromkeys(expressions[j] for j in nearest[:12]))[:3]
         labelled[f"region {r + 1}"] = samples
-        text = "\n".join(textwrap.shorten(s, 38) for s in samples)
-        ax.annotate(f"({r + 1}) {text}", centre, fontsize=7, ha="center",
-                    bbox=dict(boxstyle="round", fc="white", ec="grey", alpha=0.85))
+        numbers.append(ax.text(*centre, f"{r + 1}", fontsize=9, fontweight="bold", ha="center", va="center",
+                               bbox=dict(boxstyle="circle", fc="white", ec="grey", alpha=0.9)))
+        size = int((km.labels_ == r).sum())
+        captions.append(f"({r + 1}) {size} expressions\n" + "\n".join("   " + textwrap.shorten(e, 44) for e in samples))
+    side.text(0, top, "regions:\n\n" + "\n\n".join(captions), va="top", ha="left", fontsize=8,
+              transform=side.transAxes)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(f"Fig. 5  t-SNE of the gate sets ({n} expressions, {gates.shape[1]} gates each)")
-    return _save(fig, path), labelled
+    ax.set_title(f"Fig. 5  t-SNE of the gate sets ({n} expressions, {len(patterns)} distinct, "
+                 f"{gates.shape[1]} gates each)", fontsize=10)
+    _declutter(fig, ax, numbers)
+    return fig, labelled
+
+
+def _declutter(fig, ax, texts) -> None:
+    """Move texts up, one height at a time, until none covers another (display coordinates)."""
+    renderer = fig.canvas.get_renderer()
+    done = []
+    for text in texts:
+        for _ in range(50):
+            box = text.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in done):
+                break
+            x, y = ax.transData.transform(text.get_position())
+            text.set_position(ax.transData.inverted().transform((x, y + box.height * 1.1)))
+        done.append(text.get_window_extent(renderer))
 
 
 def subnet_drawings(layer, filt, expressions, layout, path: Path) -> Path:
     """Fig. 6: one row per expression: 16 bottlenecks, then the MHSA/FFN sublayers; kept blocks
     coloured (bottlenecks by stage), skipped grey; the filters kept written in each bottleneck."""
-    runs = candidate_runs(layer, layout)
-    kept = filters_kept(layer, filt, layout)
+    runs = layout.runs(layer)
+    kept = layout.filters_kept(layer, filt)
     k, p = len(layout.candidates), layout.num_visual
     fig, ax = plt.subplots(figsize=(max(10, 0.62 * k), 1.1 * len(expressions) + 0.8))
     for row, expression in enumerate(expressions):

@@ -14,26 +14,6 @@ import torch
 from lads.models.gating import GateLayout
 
 
-def candidate_runs(layer: np.ndarray, layout: GateLayout) -> np.ndarray:
-    """(N, K) 0/1: whether each candidate layer runs (the 4 projection bottlenecks always do)."""
-    runs = np.ones((layer.shape[0], len(layout.candidates)))
-    runs[:, layout.layer_owner] = layer
-    return runs
-
-
-def filters_kept(layer: np.ndarray, filt: np.ndarray, layout: GateLayout) -> np.ndarray:
-    """(N, P) filters that run per bottleneck: open filter gates, none in a skipped block."""
-    open_ = np.stack([filt[:, s].sum(1) for s in layout.filter_slices], 1)
-    return open_ * candidate_runs(layer, layout)[:, : layout.num_visual]
-
-
-def layers_kept(layer: np.ndarray, layout: GateLayout) -> tuple[np.ndarray, np.ndarray]:
-    """Layers run per expression in the visual backbone (Fig. 4c: 16 at most, the projection
-    blocks included) and in the interaction module (2M sublayers at most)."""
-    runs = candidate_runs(layer, layout)
-    return runs[:, : layout.num_visual].sum(1), runs[:, layout.num_visual :].sum(1)
-
-
 def _summary(values: np.ndarray, histogram: bool = False) -> dict:
     out = {"mean": float(values.mean()), "std": float(values.std()),
            "min": float(values.min()), "max": float(values.max())}
@@ -62,10 +42,10 @@ def gate_statistics(layer, filt, layout: GateLayout, expr_types=None, flops_frac
         filters = [name for name, r in zip(filter_names, filter_rate) if r == value]
         return {"num_layers": len(layers), "layers": layers, "num_filters": len(filters), "filters": filters}
 
-    visual, interaction = layers_kept(layer, layout)
-    kept = filters_kept(layer, filt, layout)
+    kept = layout.kept(layer, filt)
+    visual, interaction = kept["visual_layers"], kept["fusion_sublayers"]
     size = {"layers_kept": visual + interaction, "visual_layers_kept": visual,
-            "interaction_layers_kept": interaction, "filters_kept": kept.sum(1)}
+            "interaction_layers_kept": interaction, "filters_kept": kept["filters"]}
     if flops_fraction is not None:
         size["flops_fraction"] = np.asarray(flops_fraction, float)
     stats = {

@@ -1,14 +1,16 @@
 """``lads data stats PATH [PATH ...]``: per-split counts of images, objects and expressions,
-expression lengths in words, and the records skipped, by reason."""
+expression lengths in words, the records skipped, by reason, and the image files missing."""
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from pathlib import Path
 
 from lads.datasets import read_dataset
+from lads.errors import LadsError
 
 COLUMNS = ("dataset", "split", "images", "objects", "expressions", "mean words", "max words",
-           "skipped")
+           "skipped", "missing images")
 
 
 def add_arguments(parser):
@@ -17,11 +19,15 @@ def add_arguments(parser):
     parser.add_argument("--split", nargs="+", help="only these splits (default: all)")
     parser.add_argument("--split-by", help="REFER refs(<splitBy>).p to read (default: unc, "
                         "then umd, berkeley, google)")
-    parser.add_argument("--image-root", help="folder the image paths are relative to")
+    parser.add_argument("--image-root", help="folder the image paths are relative to (default: the "
+                        "dataset's images/ folder; the JSONL file's folder)")
+    parser.add_argument("--no-image-check", action="store_true",
+                        help="do not check that every image file exists (for huge sets)")
 
 
-def split_rows(path, dataset) -> list[tuple]:
-    """One row per split, the columns of ``COLUMNS``; lines with no readable split get "-"."""
+def split_rows(path, dataset, check_images: bool = True) -> list[tuple]:
+    """One row per split, the columns of ``COLUMNS``; lines with no readable split get "-";
+    missing images counted where ``check_images`` (else "-")."""
     by_split = defaultdict(list)
     for r in dataset.records:
         by_split[r.split].append(r)
@@ -34,9 +40,11 @@ def split_rows(path, dataset) -> list[tuple]:
         records = by_split[split]
         words = [len(r.expression.split()) for r in records]
         objects = {r.ann_id if r.ann_id is not None else (r.image, r.box) for r in records}
-        rows.append((path, split, len({r.image for r in records}), len(objects), len(records),
+        images = {r.image for r in records}
+        missing = sum(not Path(i).is_file() for i in images) if check_images else "-"
+        rows.append((path, split, len(images), len(objects), len(records),
                      f"{sum(words) / len(words):.1f}" if words else "-", max(words, default=0),
-                     skipped[split]))
+                     skipped[split], missing))
     return rows
 
 
@@ -50,11 +58,18 @@ def format_table(rows) -> str:
 
 
 def run(args):
+    if args.image_root and not Path(args.image_root).is_dir():
+        raise LadsError(f"--image-root {args.image_root}: no such folder")
     rows, notes = [], []
     for path in args.paths:
         dataset = read_dataset(path, args.split, image_root=args.image_root,
                                split_by=args.split_by)
-        rows += split_rows(path, dataset)
+        rows += split_rows(path, dataset, not args.no_image_check)
+        if not args.no_image_check:
+            missing = sorted({r.image for r in dataset.records if not Path(r.image).is_file()})
+            if missing:
+                notes.append(f"{path}: {len(missing)} image file(s) missing (first: {missing[0]}); "
+                             "--image-root names the folder the images are in")
         reasons = Counter()
         for (_, reason), n in dataset.skipped.items():
             reasons[reason] += n

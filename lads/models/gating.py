@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,6 +59,44 @@ class GateLayout:
     @property
     def num_filter_gates(self) -> int:
         return len(self.filter_owner)
+
+    def runs(self, layer) -> np.ndarray:
+        """(N, K) 0/1 from (N, n_L) layer gates: whether each candidate runs (the 4 projection
+        bottlenecks, which have no layer gate, always do)."""
+        layer = np.asarray(layer, dtype=float)
+        runs = np.ones((layer.shape[0], len(self.candidates)))
+        runs[:, self.layer_owner] = layer
+        return runs
+
+    def filters_kept(self, layer, filt) -> np.ndarray:
+        """(N, P) filters that run in each bottleneck: its open filter gates, and none where the
+        bottleneck is skipped. The one definition of "filters kept" (predict, eval, analyze,
+        the report; docs/design.md §3)."""
+        filt = np.asarray(filt, dtype=float)
+        open_ = np.stack([filt[:, s].sum(1) for s in self.filter_slices], 1)
+        return open_ * self.runs(layer)[:, : self.num_visual]
+
+    def kept(self, layer, filt=None) -> dict[str, np.ndarray]:
+        """Per expression (N,): bottlenecks run (of 16, projection blocks included), fusion
+        sublayers run (of 2M) and, given the filter gates, filters run (of ``num_filter_gates``)."""
+        runs = self.runs(layer)
+        kept = {"visual_layers": runs[:, : self.num_visual].sum(1), "fusion_sublayers": runs[:, self.num_visual :].sum(1)}
+        if filt is not None:
+            kept["filters"] = self.filters_kept(layer, filt).sum(1)
+        return kept
+
+    def summary(self, gates: "Gates | None", j: int = 0) -> dict:
+        """Expression ``j``'s subnet in numbers and one line; every gate open for ``None``."""
+        if gates is None:
+            visual, fusion, filters = self.num_visual, len(self.candidates) - self.num_visual, self.num_filter_gates
+        else:
+            kept = self.kept(gates.layer[j : j + 1].float().cpu(), gates.filter[j : j + 1].float().cpu())
+            visual, fusion, filters = (int(kept[k][0]) for k in ("visual_layers", "fusion_sublayers", "filters"))
+        return {
+            "visual_layers": visual, "fusion_sublayers": fusion, "filters": filters,
+            "summary": f"{visual}/{self.num_visual} bottlenecks, {fusion}/{len(self.candidates) - self.num_visual} "
+                       f"fusion sublayers, {filters}/{self.num_filter_gates} filters",
+        }
 
     def split(self, gates: "Gates"):
         """Per-module gate lists: visual layer gates (None where a block has none), visual

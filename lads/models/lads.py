@@ -162,6 +162,14 @@ class LADS(nn.Module):
             cache[text_len] = gate_costs(self, self.config.image_size, text_len)
         return cache[text_len]
 
+    def subnet_flops(self, gates: Gates | None, j: int, text_len: int) -> float:
+        """FLOPs of expression ``j``'s subnet as a fraction of the dense network's, at
+        ``text_len`` tokens (1 for ``None`` or a dense model)."""
+        if gates is None or self.gating is None:
+            return 1.0
+        one = gates.map(lambda g: g[j : j + 1].float().cpu())
+        return expected_flops(one, self.layout, self.gate_costs(text_len)).item()
+
     def extract_subnet(self, gates: Gates, fold_bn: bool = False):
         """The static subnet of one expression's hard gates (docs/design.md §3), eval mode only.
 
@@ -184,12 +192,27 @@ class LADS(nn.Module):
 
     def predict(self, image, expressions, mode: str = "subnet") -> list[dict]:
         """Boxes in original image pixels for one image and one or more expressions."""
-        from lads.models.text import load_tokenizer
-        from lads.predict import predict
+        from lads.inference import predict
 
+        return predict(self, image, expressions, mode, tokenizer=self.tokenizer)
+
+    def prepare(self, image, expressions) -> dict:
+        """``images``, ``pixel_mask``, ``input_ids``, ``attention_mask`` for one image (a path or
+        a PIL image) and its expressions, on the model's device: ``model(**model.prepare(…))``."""
+        from lads.inference import prepare_inputs
+
+        device = next(self.parameters()).device
+        inputs, _ = prepare_inputs(image, expressions, self.config, self.tokenizer)
+        return {k: v.to(device) for k, v in inputs.items()}
+
+    @property
+    def tokenizer(self):
+        """The tokenizer of the text backbone (loaded once)."""
         if getattr(self, "_tokenizer", None) is None:
+            from lads.models.text import load_tokenizer
+
             self._tokenizer = load_tokenizer(self.config.text.name)
-        return predict(self, image, expressions, mode, tokenizer=self._tokenizer)
+        return self._tokenizer
 
     def parameter_counts(self) -> dict[str, int]:
         return {name: sum(p.numel() for p in m.parameters()) for name, m in self.named_children()}

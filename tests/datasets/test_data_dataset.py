@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
 import torch
 
 from lads.datasets import load_records, stats
 from lads.datasets.dataset import RecDataset, collate
 from lads.datasets.records import Record
 from lads.datasets.transforms import Augment, box_to_original
+from lads.errors import LadsError
 
 
 def test_items_and_batches(refer_dir, tokenizer):
@@ -57,13 +59,29 @@ def test_stats_table(refer_dir, tmp_path, capsys):
     stats.run(parser.parse_args([str(refer_dir), str(jsonl)]))
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["dataset", "split", "images", "objects", "expressions", "mean",
-                              "words", "max", "words", "skipped"]
+                              "words", "max", "words", "skipped", "missing", "images"]
     rows = {tuple(line.split()[:2]): line.split()[2:] for line in out[1:8]}
-    assert rows[(str(refer_dir), "train")] == ["1", "2", "3", "3.0", "3", "0"]
-    assert rows[(str(refer_dir), "val")] == ["1", "1", "1", "2.0", "2", "1"]
-    assert rows[(str(refer_dir), "testB")] == ["1", "1", "1", "4.0", "4", "2"]
-    assert rows[(str(jsonl), "test")] == ["1", "1", "1", "3.0", "3", "0"]
-    assert rows[(str(jsonl), "-")] == ["0", "0", "0", "-", "0", "1"]
+    assert rows[(str(refer_dir), "train")] == ["1", "2", "3", "3.0", "3", "0", "0"]
+    assert rows[(str(refer_dir), "val")] == ["1", "1", "1", "2.0", "2", "1", "0"]
+    assert rows[(str(refer_dir), "testB")] == ["1", "1", "1", "4.0", "4", "2", "0"]
+    assert rows[(str(jsonl), "test")] == ["1", "1", "1", "3.0", "3", "0", "1"]  # a.jpg is not there
+    assert rows[(str(jsonl), "-")] == ["0", "0", "0", "-", "0", "1", "0"]
     notes = "\n".join(out[8:])
     assert "skipped 1: empty expression (first: " in notes and "ref 3 sentence 104" in notes
     assert f"{jsonl}: skipped 1: not valid JSON (first: {jsonl}:2" in notes
+    assert f"{jsonl}: 1 image file(s) missing (first: {tmp_path / 'a.jpg'})" in notes
+
+
+def test_stats_checks_the_image_root(refer_dir, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    stats.add_arguments(parser)
+    with pytest.raises(LadsError, match="--image-root .*nowhere: no such folder"):
+        stats.run(parser.parse_args([str(refer_dir), "--image-root", str(tmp_path / "nowhere")]))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    stats.run(parser.parse_args([str(refer_dir), "--image-root", str(empty), "--split", "train"]))
+    out = capsys.readouterr().out
+    assert out.splitlines()[1].split()[-1] == "1" and "1 image file(s) missing" in out
+    stats.run(parser.parse_args([str(refer_dir), "--image-root", str(empty), "--split", "train", "--no-image-check"]))
+    out = capsys.readouterr().out
+    assert out.splitlines()[1].split()[-1] == "-" and "missing (first" not in out

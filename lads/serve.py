@@ -1,0 +1,265 @@
+"""``lads serve``: a web page to try a model and an HTTP API to call it (FastAPI + uvicorn).
+
+One model and one cache of subnets serve every request; inference runs in FastAPI's thread pool,
+outside the event loop, one request at a time (a lock: the model and its cache are shared).
+Endpoints: ``GET /`` (the page), ``POST /v1/predict``, ``GET /v1/health``, ``GET /v1/model``,
+``GET /v1/examples`` and ``GET /v1/examples/{i}`` (a few test images of the model's own
+dataset, by number: no path from a request is ever opened), OpenAPI at ``/docs``.
+"""
+
+import base64
+import io
+import threading
+import time
+from pathlib import Path
+
+from lads.errors import LadsError
+
+DEMO_CHECKPOINT = Path("runs/demo/lads/checkpoint")
+PAGE = Path(__file__).parent / "static" / "serve.html"
+
+
+def add_arguments(parser):
+    parser.add_argument("--checkpoint", metavar="DIR",
+                        help=f"a trained model's checkpoint folder (default: {DEMO_CHECKPOINT}, the demo's LADS)")
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only; "
+                                       "0.0.0.0 makes the server reachable from the network)")
+    parser.add_argument("--port", type=int, help="port (default 8000)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a serve setting, e.g. serve.max_expressions=32 (repeatable)")
+
+
+# ----------------------------------------------------------------------------- the service
+
+
+class Service:
+    """The model behind the endpoints: checks a request's input, runs it under a lock, and
+    describes each expression's subnet. ``settings``: ``ServeConfig``."""
+
+    def __init__(self, model, settings, examples: list[Path] = ()):
+        from lads.inference import SubnetRunner
+
+        self.model = model.eval()
+        self.settings = settings
+        self.examples = list(examples)
+        self.runner = SubnetRunner(self.model)
+        self.lock = threading.Lock()
+
+    def read_image(self, data: bytes):
+        """A PIL image from uploaded bytes, or a ``RequestError`` saying what is wrong with them."""
+        from PIL import Image, UnidentifiedImageError
+
+        from lads.datasets.images import to_rgb
+
+        s = self.settings
+        if not data:
+            raise RequestError(400, "the image is empty (0 bytes)")
+        if len(data) > s.max_image_mb * 2**20:
+            raise RequestError(413, f"the image has {len(data) / 2**20:.1f} MB; the limit is {s.max_image_mb:g} MB "
+                                    "(serve.max_image_mb)")
+        try:
+            image = Image.open(io.BytesIO(data))
+        except (UnidentifiedImageError, OSError):
+            raise RequestError(415, "the upload is not an image that Pillow can read (JPEG, PNG, WebP, …)") from None
+        megapixels = image.width * image.height / 1e6
+        if megapixels > s.max_megapixels:
+            raise RequestError(413, f"the image has {megapixels:.1f} megapixels ({image.width} × {image.height}); "
+                                    f"the limit is {s.max_megapixels:g} (serve.max_megapixels)")
+        try:
+            image.load()
+        except (OSError, SyntaxError, ValueError) as e:
+            raise RequestError(400, f"the image is truncated or corrupt ({e})") from None
+        return to_rgb(image)
+
+    def check_expressions(self, expressions) -> list[str]:
+        s = self.settings
+        if not isinstance(expressions, list) or not all(isinstance(e, str) for e in expressions):
+            raise RequestError(422, "expressions: expected a list of strings")
+        if not expressions:
+            raise RequestError(422, "expressions: give at least one")
+        if len(expressions) > s.max_expressions:
+            raise RequestError(422, f"{len(expressions)} expressions; at most {s.max_expressions} per request "
+                                    "(serve.max_expressions)")
+        for i, e in enumerate(expressions):
+            if not e.strip():
+                raise RequestError(422, f"expression {i + 1} is empty")
+            if len(e) > s.max_expression_chars:
+                raise RequestError(422, f"expression {i + 1} has {len(e)} characters; at most "
+                                        f"{s.max_expression_chars} (serve.max_expression_chars)")
+        return expressions
+
+    def predict(self, data: bytes, expressions, dense: bool = False, drawing: bool = False) -> dict:
+        """What ``lads predict`` prints for each expression, with its subnet's FLOPs and whether
+        it came from the cache; the times of the call (ms); optionally the subnets drawn (PNG)."""
+        from lads.inference import describe, prepare_inputs
+
+        image = self.read_image(data)
+        expressions = self.check_expressions(expressions)
+        started = time.perf_counter()
+        with self.lock:
+            inputs, meta = prepare_inputs(image, expressions, self.model.config, self.model.tokenizer)
+            device = next(self.model.parameters()).device
+            result = self.runner(**{k: v.to(device) for k, v in inputs.items()}, mode="dense" if dense else "subnet")
+            predictions = describe(self.model, result, meta, expressions, inputs["attention_mask"])
+        out = {"predictions": predictions, "mode": "dense" if dense else "subnet",
+               "image_size": [image.width, image.height],
+               "times_ms": {k: round(1000 * v, 2) for k, v in result["times"].items()},
+               "wall_ms": round(1000 * (time.perf_counter() - started), 2)}
+        if drawing:
+            out["subnets_png"] = self.draw(result["gates"], expressions)
+        return out
+
+    def draw(self, gates, expressions) -> str:
+        """Fig. 6 of ``lads analyze`` for these expressions, as base64 PNG."""
+        from lads.analysis.figures import subnet_drawings
+
+        buffer = io.BytesIO()
+        subnet_drawings(gates.layer.float().cpu().numpy(), gates.filter.float().cpu().numpy(), expressions,
+                        self.model.layout, buffer)
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    def describe_model(self) -> dict:
+        from lads.config import to_dict
+        from lads.util.dist import device_name
+
+        parameter = next(self.model.parameters())
+        layout = self.model.layout
+        return {"config": to_dict(self.model.config), "parameters": self.model.parameter_counts(),
+                "device": device_name(parameter.device.type), "dtype": str(parameter.dtype).removeprefix("torch."),
+                "dense": self.model.gating is None, "bottlenecks": layout.num_visual,
+                "fusion_sublayers": len(layout.candidates) - layout.num_visual, "filters": layout.num_filter_gates}
+
+
+class RequestError(Exception):
+    """Bad input in a request: an HTTP status and a message for the caller."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def create_app(service: Service):
+    """The FastAPI application around ``service``."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
+
+    from lads import __version__
+
+    app = FastAPI(title="lads", version=__version__,
+                  description="Referring expression comprehension with Language Adaptive Dynamic Subnets: "
+                              "a box per expression, each found by the subnet its expression chose.")
+
+    @app.exception_handler(RequestError)
+    def request_error(_: Request, error: RequestError):
+        return JSONResponse({"error": error.message}, status_code=error.status)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page():
+        return PAGE.read_text()
+
+    @app.get("/v1/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/model")
+    def model_info():
+        return service.describe_model()
+
+    @app.get("/v1/examples")
+    def examples():
+        return {"examples": [{"id": i, "name": p.name, "url": f"/v1/examples/{i}"}
+                             for i, p in enumerate(service.examples)]}
+
+    @app.get("/v1/examples/{index}")
+    def example(index: int):
+        if not 0 <= index < len(service.examples):
+            raise RequestError(404, f"no example {index}; there are {len(service.examples)}")
+        return Response(service.examples[index].read_bytes(), media_type="image/png")
+
+    @app.post("/v1/predict", openapi_extra=PREDICT_REQUEST)
+    async def predict(request: Request):
+        """Boxes for one image and its expressions: multipart (an ``image`` file, ``expression``
+        fields) or JSON (``image`` as base64, ``expressions``); ``dense`` runs every gate open,
+        ``drawing`` adds the subnets drawn as a PNG (base64)."""
+        limit = service.settings.max_image_mb * 2**20 + 2**20  # the image and the fields
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise RequestError(413, f"the request is over {service.settings.max_image_mb:g} MB (serve.max_image_mb)")
+        kind = request.headers.get("content-type", "")
+        if kind.startswith("multipart/form-data"):
+            form = await request.form()
+            upload = form.get("image")
+            if upload is None or isinstance(upload, str):
+                raise RequestError(422, "image: expected a file field named 'image'")
+            data, expressions = await upload.read(), form.getlist("expression")
+            dense, drawing = (form.get(k, "false").lower() in ("1", "true", "on") for k in ("dense", "drawing"))
+        elif kind.startswith("application/json"):
+            try:
+                body = await request.json()
+                data = base64.b64decode(body["image"], validate=True)
+            except (ValueError, KeyError, TypeError):
+                raise RequestError(400, "expected a JSON object with 'image' (base64) and 'expressions'") from None
+            expressions, dense, drawing = body.get("expressions"), bool(body.get("dense")), bool(body.get("drawing"))
+        else:
+            raise RequestError(415, "send multipart/form-data or application/json")
+        return await run_in_threadpool(service.predict, data, expressions, dense, drawing)
+
+    return app
+
+
+PREDICT_REQUEST = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["image", "expression"], "properties": {
+        "image": {"type": "string", "format": "binary"},
+        "expression": {"type": "array", "items": {"type": "string"}},
+        "dense": {"type": "boolean"}, "drawing": {"type": "boolean"}}}},
+    "application/json": {"schema": {"type": "object", "required": ["image", "expressions"], "properties": {
+        "image": {"type": "string", "format": "byte"},
+        "expressions": {"type": "array", "items": {"type": "string"}},
+        "dense": {"type": "boolean"}, "drawing": {"type": "boolean"}}}}}}}
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def load_service(checkpoint, overrides: list[str]) -> Service:
+    """The model of ``checkpoint`` with its settings (the checkpoint's config, ``serve.*``
+    overrides on top) and up to 8 example images from its dataset's test split, if present."""
+    from lads.config import apply_overrides, config_from_dict, to_dict
+    from lads.engine import load_model
+
+    for item in overrides:
+        if not item.startswith("serve."):
+            raise LadsError(f"--set {item}: lads serve takes serve.* settings only")
+    checkpoint = Path(checkpoint) if checkpoint else DEMO_CHECKPOINT
+    if not (checkpoint / "meta.json").exists():
+        hint = " (run `bash scripts/demo.sh` first, or give --checkpoint DIR)" if checkpoint == DEMO_CHECKPOINT else ""
+        raise LadsError(f"--checkpoint {checkpoint}: no trained model there{hint}")
+    model, cfg = load_model(checkpoint)
+    cfg = config_from_dict(apply_overrides(to_dict(cfg), overrides))
+    return Service(model, cfg.serve, _examples(cfg))
+
+
+def _examples(cfg, count: int = 8) -> list[Path]:
+    from lads.datasets import load_records
+
+    try:
+        records, _ = load_records(cfg.data.path, "test")
+    except LadsError:
+        return []
+    return sorted({Path(r.image) for r in records if Path(r.image).is_file()})[:count]
+
+
+def run(args):
+    import uvicorn
+
+    service = load_service(args.checkpoint, args.overrides)
+    host = args.host or service.settings.host
+    port = args.port or service.settings.port
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: binding to {host}: the server is reachable from the network, and it has no "
+              "authentication", flush=True)
+    print(f"lads serve: http://{host}:{port}/ (API docs at /docs)", flush=True)
+    uvicorn.run(create_app(service), host=host, port=port, log_level="warning")

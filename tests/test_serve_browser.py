@@ -1,0 +1,85 @@
+"""``lads serve`` in a real browser: Debian's chromium driven by Selenium loads the page from a
+running server, uploads an image, types two expressions, and finds both boxes and both subnet
+summaries; the page's screenshot is written to ``test-artifacts/serve-page.png``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM, DRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
+                                reason="no chromium + chromedriver here (Debian: apt-get install chromium chromium-driver; "
+                                       ".ci/run installs them)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(trained):
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lads.cli", "serve", "--checkpoint", str(trained[0]),
+                             "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if json.load(urllib.request.urlopen(f"{url}/v1/health", timeout=2)) == {"status": "ok"}:
+                break
+        except OSError:
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.3)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_the_page_finds_two_boxes_in_a_real_browser(server, synth_data):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from lads.datasets import load_records
+
+    record = load_records(synth_data, "test")[0][0]
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,1400"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(DRIVER), options=options)
+    try:
+        browser.get(server)
+        WebDriverWait(browser, 30).until(lambda b: "parameters" in b.find_element(By.ID, "model").text)
+        browser.find_element(By.ID, "file").send_keys(str(Path(record.image).resolve()))
+        browser.find_element(By.ID, "expressions").send_keys(f"{record.expression}\nthe leftmost object")
+        browser.find_element(By.ID, "run").click()
+        WebDriverWait(browser, 60).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".result")) == 2)
+        results = browser.find_elements(By.CSS_SELECTOR, ".result")
+        assert [r.find_element(By.CSS_SELECTOR, ".expression").text for r in results] == [
+            f"1. {record.expression}", "2. the leftmost object"]
+        for r in results:
+            assert len(json.loads(r.get_attribute("data-box"))) == 4
+            assert "bottlenecks" in r.find_element(By.CSS_SELECTOR, ".summary").text
+        assert browser.find_element(By.ID, "error").text == ""
+        assert browser.find_element(By.ID, "subnets").get_attribute("src").startswith("data:image/png;base64,")
+        artifacts = ROOT / "test-artifacts"
+        artifacts.mkdir(exist_ok=True)
+        assert browser.save_screenshot(str(artifacts / "serve-page.png"))
+    finally:
+        browser.quit()
