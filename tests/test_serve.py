@@ -139,3 +139,25 @@ def test_no_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
         load_service(None, [])
     with pytest.raises(LadsError, match="serve.. settings only"):
         load_service(tmp_path, ["train.epochs=3"])
+
+
+def test_binding_beyond_this_machine_warns(trained):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lads.cli", "serve", "--checkpoint", str(trained[0]),
+                             "--host", "0.0.0.0", "--port", str(port)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert first.startswith("warning: binding to 0.0.0.0: the server is reachable from the network")
