@@ -325,10 +325,7 @@ def _time_to_drop(t, seconds: float, device) -> bool:
     """``train.lr_drop_fraction`` of ``train.max_minutes`` has passed (on any rank)."""
     if t.lr_drop_fraction is None or t.max_minutes is None:
         return False
-    flag = torch.tensor([float(seconds >= 60 * t.max_minutes * t.lr_drop_fraction)], device=device)
-    if dist.is_distributed():
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return flag.item() > 0
+    return _max_over_ranks(float(seconds >= 60 * t.max_minutes * t.lr_drop_fraction), device) > 0
 
 
 def _resume(path, cfg: Config, model, optimizer, scheduler, drop_step: int):
@@ -371,10 +368,15 @@ def _all_finite(value: float, device) -> bool:
 def _agree_to_stop(signal_name, out_of_time, device) -> str | None:
     """Every rank stops at the same step: a signal or the time budget on any rank stops all."""
     code = 2.0 if signal_name else (1.0 if out_of_time else 0.0)
-    flag = torch.tensor([code], device=device)
+    return {0.0: None, 1.0: "time budget", 2.0: signal_name or "signal"}[_max_over_ranks(code, device)]
+
+
+def _max_over_ranks(value: float, device) -> float:
+    """The largest ``value`` of all ranks (itself in one process)."""
+    flag = torch.tensor([value], device=device)
     if dist.is_distributed():
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return {0.0: None, 1.0: "time budget", 2.0: signal_name or "signal"}[flag.item()]
+    return flag.item()
 
 
 class _Progress:

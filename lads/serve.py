@@ -49,7 +49,7 @@ class Service:
         """A PIL image from uploaded bytes, or a ``RequestError`` saying what is wrong with them."""
         from PIL import Image, UnidentifiedImageError
 
-        from lads.datasets.images import to_rgb
+        from lads.datasets.images import upright_rgb
 
         s = self.settings
         if not data:
@@ -61,15 +61,17 @@ class Service:
             image = Image.open(io.BytesIO(data))
         except (UnidentifiedImageError, OSError):
             raise RequestError(415, "the upload is not an image that Pillow can read (JPEG, PNG, WebP, …)") from None
+        except Image.DecompressionBombError as e:
+            raise RequestError(413, f"the image has too many pixels ({e}); the limit is {s.max_megapixels:g} "
+                                    "megapixels (serve.max_megapixels)") from None
         megapixels = image.width * image.height / 1e6
         if megapixels > s.max_megapixels:
             raise RequestError(413, f"the image has {megapixels:.1f} megapixels ({image.width} × {image.height}); "
                                     f"the limit is {s.max_megapixels:g} (serve.max_megapixels)")
         try:
-            image.load()
+            return upright_rgb(image)
         except (OSError, SyntaxError, ValueError) as e:
             raise RequestError(400, f"the image is truncated or corrupt ({e})") from None
-        return to_rgb(image)
 
     def check_expressions(self, expressions) -> list[str]:
         s = self.settings

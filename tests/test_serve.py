@@ -161,3 +161,14 @@ def test_binding_beyond_this_machine_warns(trained):
         proc.terminate()
         proc.wait(timeout=30)
     assert first.startswith("warning: binding to 0.0.0.0: the server is reachable from the network")
+
+
+def test_an_upload_is_read_upright_as_lads_predict_reads_a_file(client):
+    """A JPEG stored sideways with EXIF orientation 6 is turned upright before grounding."""
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (64, 48), (30, 200, 30)).save(buffer, format="JPEG", exif=exif)
+    answer = post(client, buffer.getvalue(), ["the green square"])
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["image_size"] == [48, 64]

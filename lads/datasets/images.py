@@ -21,13 +21,19 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def upright_rgb(img: Image.Image) -> Image.Image:
+    """An opened image decoded now (a truncated file fails here, not later), upright (EXIF
+    orientation applied), in RGB."""
+    img.load()
+    return to_rgb(ImageOps.exif_transpose(img))
+
+
 def open_rgb(path: str, record: str = "") -> Image.Image:
     """The image at ``path``, upright (EXIF orientation applied), in RGB."""
     where = f"{record}, image {path}" if record else f"image {path}"
     try:
         with Image.open(path) as img:
-            img.load()  # decode now: a truncated file fails here, not later
-            return to_rgb(ImageOps.exif_transpose(img))
+            return upright_rgb(img)
     except FileNotFoundError:
         raise RecordError(where, "image not found") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:

@@ -25,9 +25,9 @@ def add_arguments(parser):
                         help="do not check that every image file exists (for huge sets)")
 
 
-def split_rows(path, dataset, check_images: bool = True) -> list[tuple]:
+def split_rows(path, dataset, missing: set | None = None) -> list[tuple]:
     """One row per split, the columns of ``COLUMNS``; lines with no readable split get "-";
-    missing images counted where ``check_images`` (else "-")."""
+    ``missing``: the image files not found (None: not checked, "-")."""
     by_split = defaultdict(list)
     for r in dataset.records:
         by_split[r.split].append(r)
@@ -41,10 +41,9 @@ def split_rows(path, dataset, check_images: bool = True) -> list[tuple]:
         words = [len(r.expression.split()) for r in records]
         objects = {r.ann_id if r.ann_id is not None else (r.image, r.box) for r in records}
         images = {r.image for r in records}
-        missing = sum(not Path(i).is_file() for i in images) if check_images else "-"
         rows.append((path, split, len(images), len(objects), len(records),
                      f"{sum(words) / len(words):.1f}" if words else "-", max(words, default=0),
-                     skipped[split], missing))
+                     skipped[split], "-" if missing is None else len(images & missing)))
     return rows
 
 
@@ -64,12 +63,12 @@ def run(args):
     for path in args.paths:
         dataset = read_dataset(path, args.split, image_root=args.image_root,
                                split_by=args.split_by)
-        rows += split_rows(path, dataset, not args.no_image_check)
-        if not args.no_image_check:
-            missing = sorted({r.image for r in dataset.records if not Path(r.image).is_file()})
-            if missing:
-                notes.append(f"{path}: {len(missing)} image file(s) missing (first: {missing[0]}); "
-                             "--image-root names the folder the images are in")
+        missing = None if args.no_image_check else {i for i in {r.image for r in dataset.records}
+                                                     if not Path(i).is_file()}
+        rows += split_rows(path, dataset, missing)
+        if missing:
+            notes.append(f"{path}: {len(missing)} image file(s) missing (first: {min(missing)}); "
+                         "--image-root names the folder the images are in")
         reasons = Counter()
         for (_, reason), n in dataset.skipped.items():
             reasons[reason] += n

@@ -26,7 +26,7 @@ from lads.models.backbone import Bottleneck, FrozenBatchNorm2d, downsample_mask
 from lads.models.fusion import GatedEncoderLayer, ModalityInteraction
 from lads.models.gating import Gates
 from lads.models.lads import check_gates, read_boxes
-from lads.util.flops import attention_flops, conv_flops, linear_flops, pool_size
+from lads.util.flops import attention_flops, conv_flops, head_flops, linear_flops, pool_size
 
 # ----------------------------------------------------------------------------- building blocks
 
@@ -216,12 +216,7 @@ class Subnet(nn.Module):
                 fusion += attention_flops(sublayer.self_attn, batch, tokens)
             else:
                 fusion += linear_flops(sublayer.linear1, batch * tokens) + linear_flops(sublayer.linear2, batch * tokens)
-        head = sum(linear_flops(layer, batch) for layer in self.head.layers)
-        if self.token_head is not None:
-            visual = batch * h * w
-            head += linear_flops(self.token_head.score, visual)
-            if self.token_head.box is not None:
-                head += sum(linear_flops(layer, visual) for layer in self.token_head.box.layers)
+        head = head_flops(self.head, self.token_head, batch, batch * h * w)
         return {"backbone": backbone, "fusion": fusion, "head": head, "total": backbone + fusion + head}
 
 

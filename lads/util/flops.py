@@ -60,6 +60,16 @@ def attention_flops(attn: nn.MultiheadAttention, batch: int, length: int) -> int
     return projections + 4 * batch * length * length * d  # Σ over heads of 2·L·L·d_head, twice
 
 
+def head_flops(head, token_head, batch: int, visual_tokens: int) -> int:
+    """The ``[CLS]`` box head on ``batch`` rows and, if any, the token head on ``visual_tokens``."""
+    flops = sum(linear_flops(layer, batch) for layer in head.layers)
+    if token_head is not None:
+        flops += linear_flops(token_head.score, visual_tokens)
+        if token_head.box is not None:
+            flops += sum(linear_flops(layer, visual_tokens) for layer in token_head.box.layers)
+    return flops
+
+
 def gate_costs(model, image_size: int, text_len: int) -> dict[str, torch.Tensor]:
     """The FLOPs of one expression as a linear function of its gates, for ``loss.flops``:
     ``fixed + Σ_b run_b · (block_b + filter_b · Σ_j g_bj) + Σ_k fusion_k · g_k``, where
@@ -82,11 +92,7 @@ def gate_costs(model, image_size: int, text_len: int) -> dict[str, torch.Tensor]
         per_filter.append(conv2 / b.conv2.out_channels + conv3 / b.conv3.in_channels)
     tokens = text_len + h * w
     fixed += conv_flops(fusion.visual_proj, 1, h, w)[0] + linear_flops(fusion.text_proj, text_len)
-    fixed += sum(linear_flops(layer, 1) for layer in model.head.layers)
-    if model.token_head is not None:
-        fixed += linear_flops(model.token_head.score, h * w)
-        if model.token_head.box is not None:
-            fixed += sum(linear_flops(layer, h * w) for layer in model.token_head.box.layers)
+    fixed += head_flops(model.head, model.token_head, 1, h * w)
     sublayers = []
     for layer in fusion.layers:
         sublayers.append(attention_flops(layer.self_attn, 1, tokens))
