@@ -1,13 +1,16 @@
 """``lads bench``: latency and FLOPs of the dense network, the masked supernet and extracted
-subnets (docs/design.md §3).
+subnets (docs/design.md §3), forward only and end to end.
 
-What the gates affect is timed: visual backbone + fusion + head, ``model.ground`` for dense
-(all gates open) and masked, ``Subnet.forward`` for the subnet. The text backbone and gating
-network run once per expression whatever the mode; they are timed apart as a shared cost.
-Medians from ``torch.utils.benchmark.Timer.blocked_autorange`` (it synchronises CUDA), after
-warm-up, under ``torch.inference_mode``; dense, masked and subnet are timed in alternating
-rounds and each speedup is over the dense time measured beside it. Writes ``bench.md``, ``bench.json`` and
-``speedup.png`` into ``--out``.
+Forward only, what the gates affect: visual backbone + fusion + head, ``model.ground`` for
+dense (all gates open) and masked, ``Subnet.forward`` for the subnet. End to end, what a user
+pays per expression: text backbone + gating network + extraction + subnet for a gate pattern
+never seen (the backbone plan, made once per set of weights, is warm; the subnet cache is not),
+the same with the subnet cached, and text backbone + dense network. Medians from
+``torch.utils.benchmark.Timer.blocked_autorange`` (it synchronises CUDA), after warm-up, under
+``torch.inference_mode`` and, for ``--dtype bf16/fp16``, autocast (the dtype the commands
+use); every measurement of a pattern is timed in alternating rounds and each speedup is over
+the dense time measured beside it. Writes ``bench.md``, ``bench.json`` and ``speedup.png``
+into ``--out``.
 """
 
 from __future__ import annotations
@@ -20,10 +23,9 @@ from pathlib import Path
 import torch
 
 from lads.errors import LadsError
-from lads.util import dist
 from lads.models.gating import Gates
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from lads.util import dist
+from lads.util.amp import DTYPES, amp_dtype, autocast
 
 
 def add_arguments(parser):
@@ -41,12 +43,14 @@ def add_arguments(parser):
                         help="gate patterns from these expressions (gating network) instead of --keep")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights and inputs (default fp32)")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES),
+                        help="fp32 (default), or bf16/fp16 autocast (folded weights stored in that dtype)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
     parser.add_argument("--image-size", type=int, help="square input size (default: the config's)")
     parser.add_argument("--text-len", type=int, default=20, help="tokens per expression with --keep (default 20)")
     parser.add_argument("--fold-bn", action="store_true", help="fold batch norm into the subnet's convolutions")
-    parser.add_argument("--channels-last", action="store_true", help="NHWC memory format for the convolutions")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="NHWC memory format for the convolutions (the supernet's and the subnets' new weights)")
     parser.add_argument("--min-time", type=float, default=2.0, help="seconds per measurement (default 2)")
     parser.add_argument("--rounds", type=int, default=4,
                         help="dense, masked and subnet timed in this many alternating rounds (default 4)")
@@ -69,7 +73,7 @@ def build(args):
         model = load_model(args.checkpoint)[0]
     else:
         model = build_model(args.config, overrides)
-    model = model.eval().to(args.device, DTYPES[args.dtype])
+    model = model.eval().to(args.device)
     if args.channels_last:
         model.visual_backbone.to(memory_format=torch.channels_last)
     return model
@@ -131,7 +135,7 @@ def gate_patterns(args, model, input_ids, attention_mask):
 def images(args, model, batch: int):
     """Random images (batch, 3, S, S) and an all-valid pad mask."""
     size = args.image_size or model.config.image_size
-    x = torch.randn(batch, 3, size, size, device=args.device, dtype=DTYPES[args.dtype])
+    x = torch.randn(batch, 3, size, size, device=args.device)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, torch.zeros(batch, size, size, dtype=torch.bool, device=args.device)
@@ -140,11 +144,14 @@ def images(args, model, batch: int):
 def measure(args, model) -> dict:
     """Every pattern at every batch size: ``batch`` images, one expression (the first ``--expr``
     or the random one) repeated, so that the subnet runs one forward per batch."""
+    from lads.models.subnet import BackbonePlan, extract_subnet
     from lads.util.flops import count_flops
 
     rows, text_rows = [], []
     all_ids, all_mask = tokens(args, model)
     patterns = list(gate_patterns(args, model, all_ids, all_mask))
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    plan = BackbonePlan(model.visual_backbone, args.fold_bn, memory_format, amp_dtype(DTYPES[args.dtype]))
     for batch in args.batch:
         image, pixel_mask = images(args, model, batch)
         input_ids, attention_mask = all_ids[:1].expand(batch, -1), all_mask[:1].expand(batch, -1)
@@ -155,6 +162,7 @@ def measure(args, model) -> dict:
             t, m = model.encode_text(input_ids, attention_mask)
             if model.gating is not None:
                 model.gates(t, m)
+            return t, m
 
         def timed(**fns):
             return interleaved_medians(fns, args.threads, args.min_time, args.rounds)
@@ -163,38 +171,50 @@ def measure(args, model) -> dict:
                           "gflops_per_expr": count_flops(text_cost) / batch / 1e9})
         dense_flops = count_flops(model.ground, image, pixel_mask, text, text_mask, None)
         ones = Gates(torch.ones(1, model.layout.num_layer_gates), torch.ones(1, model.layout.num_filter_gates))
-        dense_subnet = model.extract_subnet(ones.map(lambda g: g.to(args.device, DTYPES[args.dtype])), args.fold_bn)
-        if args.channels_last:
-            dense_subnet.to(memory_format=torch.channels_last)
+        dense_subnet = extract_subnet(model, ones.map(lambda g: g.to(args.device)), plan=plan)
         batch_rows, dense_times = [], []
         for label, keep, gates in patterns:
-            gates = gates.map(lambda g: g.to(args.device, DTYPES[args.dtype]))
+            gates = gates.map(lambda g: g.to(args.device))
             batch_gates = gates.map(lambda g: g.expand(batch, -1))
-            start = time.perf_counter()
-            subnet = model.extract_subnet(gates, fold_bn=args.fold_bn)
-            if args.channels_last:
-                subnet.to(memory_format=torch.channels_last)
-            extract_s = time.perf_counter() - start
+            subnet = extract_subnet(model, gates, plan=plan)
             flops = count_flops(subnet, image, pixel_mask, text, text_mask)
             analytic = subnet.analytic_flops(batch, size, size, text.shape[1])["total"]
             if flops != analytic:
                 raise LadsError(f"FLOPs measured ({flops}) and analytic ({analytic}) differ for {label}")
+
+            def end_to_end(cached: bool):
+                t, m = text_cost()
+                (subnet if cached else extract_subnet(model, gates, plan=plan))(image, pixel_mask, t, m)
+
+            def dense_end_to_end():
+                model.ground(image, pixel_mask, *model.encode_text(input_ids, attention_mask), None)
+
             t = timed(
                 dense=lambda: model.ground(image, pixel_mask, text, text_mask, None),
                 masked=lambda: model.ground(image, pixel_mask, text, text_mask, batch_gates),
                 subnet=lambda: subnet(image, pixel_mask, text, text_mask),
                 dense_subnet=lambda: dense_subnet(image, pixel_mask, text, text_mask),
+                extract=lambda: extract_subnet(model, gates, plan=plan),
+                e2e_unseen=lambda: end_to_end(cached=False),
+                e2e_cached=lambda: end_to_end(cached=True),
+                e2e_dense=dense_end_to_end,
             )
             dense_times.append(t["dense"])
             batch_rows.append(_row("masked", label, keep, batch, t["masked"], dense_flops, t["dense"], dense_flops))
             row = _row("subnet", label, keep, batch, t["subnet"], flops, t["dense"], dense_flops)
-            row.update(extract_ms=1e3 * extract_s, blocks=len(subnet.blocks), sublayers=len(subnet.sublayers),
-                       speedup_vs_extracted_dense=t["dense_subnet"] / t["subnet"])
+            row.update(extract_ms=1e3 * t["extract"], blocks=len(subnet.blocks), sublayers=len(subnet.sublayers),
+                       new_mb=subnet.new_bytes / 2**20,
+                       speedup_vs_extracted_dense=t["dense_subnet"] / t["subnet"],
+                       e2e_unseen_ms_per_expr=1e3 * t["e2e_unseen"] / batch,
+                       e2e_cached_ms_per_expr=1e3 * t["e2e_cached"] / batch,
+                       e2e_dense_ms_per_expr=1e3 * t["e2e_dense"] / batch)
             row["efficiency_vs_extracted_dense"] = row["speedup_vs_extracted_dense"] / row["flops_ratio"]
             batch_rows.append(row)
-            print(f"batch {batch} {label}: dense {1e3 * t['dense'] / batch:.1f}, subnet {row['ms_per_expr']:.1f} "
+            print(f"batch {batch} {label}: dense {1e3 * t['dense'] / batch:.2f}, subnet {row['ms_per_expr']:.2f} "
                   f"ms/expr, speedup {row['speedup']:.2f}x for a FLOPs ratio {row['flops_ratio']:.2f} "
-                  f"({100 * row['efficiency']:.0f} %)", flush=True)
+                  f"({100 * row['efficiency']:.0f} %); end to end: unseen {row['e2e_unseen_ms_per_expr']:.2f}, "
+                  f"cached {row['e2e_cached_ms_per_expr']:.2f}, dense {row['e2e_dense_ms_per_expr']:.2f} ms/expr "
+                  f"(extraction {row['extract_ms']:.2f} ms)", flush=True)
         dense_s = statistics.median(dense_times)
         rows += [_row("dense", "all open", 1.0, batch, dense_s, dense_flops, dense_s, dense_flops), *batch_rows]
     return {"rows": rows, "text": text_rows}
@@ -220,17 +240,24 @@ def markdown(meta: dict, result: dict) -> str:
         "Speedups are over the dense supernet (all gates open, `model.ground`) timed beside each pattern; "
         "the extracted all-open subnet (same BN folding) is a second, stricter reference.",
         "",
-        "| batch | mode | pattern | ms / expr | GFLOPs / expr | speedup | FLOPs ratio | speedup / ratio | speedup (/ ratio) over the extracted all-open subnet | extract ms |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch | mode | pattern | ms / expr | GFLOPs / expr | speedup | FLOPs ratio | speedup / ratio | speedup (/ ratio) over the extracted all-open subnet | extract ms | new MB |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
-        extract = f"{r['extract_ms']:.0f}" if "extract_ms" in r else ""
+        subnet = "extract_ms" in r
         vs_extracted = (f"{r['speedup_vs_extracted_dense']:.2f} ({100 * r['efficiency_vs_extracted_dense']:.0f} %)"
-                        if "extract_ms" in r else "")
+                        if subnet else "")
         lines.append(
-            f"| {r['batch']} | {r['mode']} | {r['pattern']} | {r['ms_per_expr']:.1f} | {r['gflops_per_expr']:.2f} | "
-            f"{r['speedup']:.2f} | {r['flops_ratio']:.2f} | {100 * r['efficiency']:.0f} % | {vs_extracted} | {extract} |"
+            f"| {r['batch']} | {r['mode']} | {r['pattern']} | {r['ms_per_expr']:.2f} | {r['gflops_per_expr']:.2f} | "
+            f"{r['speedup']:.2f} | {r['flops_ratio']:.2f} | {100 * r['efficiency']:.0f} % | {vs_extracted} | "
+            + (f"{r['extract_ms']:.2f} | {r['new_mb']:.1f} |" if subnet else " | |")
         )
+    lines += ["", "End to end, per expression (text backbone + gating + extraction + subnet; ms): a gate pattern "
+              "never seen, the same pattern with its subnet cached, and text backbone + the dense network.", "",
+              "| batch | pattern | unseen | cached | dense | unseen / dense |", "|---:|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['batch']} | {r['pattern']} | {r['e2e_unseen_ms_per_expr']:.2f} | {r['e2e_cached_ms_per_expr']:.2f} | "
+              f"{r['e2e_dense_ms_per_expr']:.2f} | {r['e2e_unseen_ms_per_expr'] / r['e2e_dense_ms_per_expr']:.2f} |"
+              for r in result["rows"] if "extract_ms" in r]
     lines += ["", "Shared cost, every mode (text backbone + gating network):", ""]
     lines += [f"- batch {t['batch']}: {t['ms_per_expr']:.1f} ms / expr, {t['gflops_per_expr']:.2f} GFLOPs / expr"
               for t in result["text"]]
@@ -271,7 +298,8 @@ def run(args):
     out.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode():
         model = build(args)
-        result = measure(args, model)
+        with autocast(torch.device(args.device), DTYPES[args.dtype]):
+            result = measure(args, model)
     meta = {
         "config": args.checkpoint or args.config, "device": args.device, "device_name": dist.device_name(args.device),
         "dtype": args.dtype, "threads": args.threads, "torch": torch.__version__, "fold_bn": args.fold_bn,

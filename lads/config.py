@@ -86,6 +86,7 @@ class ModelConfig:
     dense: bool = False  # every gate forced open: the TransVG-style static baseline
     head: str = "cls"  # the box at inference: "cls" (the paper) or "token" (beyond the paper)
     init: Optional[str] = None  # start from a checkpoint's weights (a dense one: the gating network is new)
+    subnet_cache_mb: float = 256.0  # inference: MB of sliced and folded tensors the subnet cache may hold
     visual: VisualConfig = field(default_factory=VisualConfig)
     text: TextConfig = field(default_factory=TextConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
@@ -123,7 +124,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     clip_grad: float = 0.1  # max gradient norm; 0 disables
-    amp: str = "none"  # "bf16": autocast (CPU or CUDA); "none": float32
+    amp: str = "none"  # "bf16" or "fp16": autocast (CPU or CUDA; fp16 with loss scaling); "none": float32
     channels_last: bool = True  # the visual backbone in NHWC (faster convolutions, same values)
     seed: int = 0
     max_minutes: Optional[float] = None  # stop (with a checkpoint) after this wall time
@@ -170,6 +171,7 @@ class ServeConfig:
     max_megapixels: float = 40.0
     max_expressions: int = 16  # per request
     max_expression_chars: int = 500
+    dtype: str = "fp32"  # or bf16 / fp16 autocast (boxes and gates stay fp32)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from lads import __version__
 from lads.config import Config, config_from_dict, to_dict
 from lads.errors import LadsError
 from lads.util import dist
-from lads.util.amp import autocast, check_amp
+from lads.util.amp import autocast, check_amp, grad_scaler
 from lads.util.checkpoint import TEXT, load_training_state, load_weights, read_meta, save_checkpoint
 
 
@@ -209,12 +209,13 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
         raise LadsError(f"{cfg.data.path}: {len(dataset)} training expressions, fewer than one global batch ({t.batch_size})")
     total_steps = t.epochs * steps_per_epoch
     optimizer = build_optimizer(model, t)
+    scaler = grad_scaler(device, t.amp)
     warmup, schedule = round(t.warmup_epochs * steps_per_epoch), {"drop": t.lr_drop_epoch * steps_per_epoch}
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, schedule["drop"]))
     eval_steps = max(1, round(t.eval_every * steps_per_epoch)) if val is not None else 0
     step, trained_s = 0, 0.0
     if resume:
-        step, trained_s, schedule["drop"] = _resume(resume, cfg, model, optimizer, scheduler, schedule["drop"])
+        step, trained_s, schedule["drop"] = _resume(resume, cfg, model, optimizer, scheduler, scaler, schedule["drop"])
     ddp = model
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -250,7 +251,8 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
                  "reason": reason, "lads_version": __version__, "torch_version": torch.__version__,
                  "world_size": world, "train_s": round(time.time() - start, 1)},
                 {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                 "rng": torch.get_rng_state(), "train_s": time.time() - start, "lr_drop_step": schedule["drop"]},
+                 "rng": torch.get_rng_state(), "train_s": time.time() - start, "lr_drop_step": schedule["drop"],
+                 "scaler": scaler.state_dict()},
                 tokenizer=tokenizer,
             )
         dist.barrier()
@@ -271,7 +273,7 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
                 with sync, autocast(device, t.amp):
                     outputs = ddp(batch["image"], batch["pixel_mask"], batch["input_ids"], batch["attention_mask"])
                     terms = model.loss(outputs, batch["box"])
-                    (terms["loss"] / accumulation).backward()
+                    scaler.scale(terms["loss"] / accumulation).backward()
                 for k, v in terms.items():
                     terms_sum[k] = terms_sum.get(k, 0.0) + v.item() / accumulation
                 if outputs["gates"] is not None:
@@ -279,9 +281,11 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
             if not _all_finite(terms_sum["loss"], device):
                 status = f"stopped: non-finite loss at step {step}; the last good checkpoint is kept"
                 break
+            scaler.unscale_(optimizer)
             if t.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
-            optimizer.step()
+            scaler.step(optimizer)  # skipped, for fp16, when a gradient overflowed
+            scaler.update()
             if _time_to_drop(t, time.time() - start, device) and step + 1 < schedule["drop"]:
                 schedule["drop"] = step + 1  # the learning rates of the next step on are × 0.1
             scheduler.step()
@@ -328,7 +332,7 @@ def _time_to_drop(t, seconds: float, device) -> bool:
     return _max_over_ranks(float(seconds >= 60 * t.max_minutes * t.lr_drop_fraction), device) > 0
 
 
-def _resume(path, cfg: Config, model, optimizer, scheduler, drop_step: int):
+def _resume(path, cfg: Config, model, optimizer, scheduler, scaler, drop_step: int):
     folder, saved, _ = read_meta(path)
     if to_dict(config_from_dict(saved))["model"] != to_dict(cfg)["model"]:  # defaults of newer keys filled in
         raise LadsError(f"checkpoint {folder} was written for another model config; resume with its own config.json")
@@ -336,6 +340,8 @@ def _resume(path, cfg: Config, model, optimizer, scheduler, drop_step: int):
     state = load_training_state(folder)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"])
     if dist.is_main():
         print(f"resuming from {folder} at step {state['step']}")
@@ -419,7 +425,7 @@ def evaluate(model, dataset, batch_size: int = 32, mode: str = "subnet", num_wor
     rank, world = dist.get_rank(), dist.get_world_size()
     device = next(model.parameters()).device
     model.eval()
-    runner = SubnetRunner(model)
+    runner = SubnetRunner(model, amp=amp)
     mine = list(range(rank, len(dataset), world))
     loader = DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size, collate_fn=collate,
                         num_workers=num_workers)
@@ -429,8 +435,7 @@ def evaluate(model, dataset, batch_size: int = 32, mode: str = "subnet", num_wor
     cursor = 0
     for batch in tqdm(loader, disable=not (progress and dist.is_main()), desc="eval", unit="batch", leave=False):
         batch = to_device(batch, device)
-        with autocast(device, amp):
-            result = runner(batch["image"], batch["pixel_mask"], batch["input_ids"], batch["attention_mask"], mode=mode)
+        result = runner(batch["image"], batch["pixel_mask"], batch["input_ids"], batch["attention_mask"], mode=mode)
         seconds += result["times"]["total"]
         extraction += result["times"]["extract"]
         for j, meta in enumerate(batch["meta"]):

@@ -15,15 +15,20 @@ def add_arguments(parser):
                         help="extracted subnets (default), masked supernet, or every gate open")
     parser.add_argument("--batch-size", type=int, default=32, help="expressions per batch (default 32)")
     parser.add_argument("--out", help="write the table as OUT.md and OUT.json")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="fp32 (default), or bf16/fp16 autocast (boxes and gates stay fp32)")
 
 
-def evaluate_checkpoints(checkpoints, data=None, splits=None, mode="subnet", batch_size=32) -> list[dict]:
-    """One row per checkpoint: {name, mode, device, dtype, splits: {split: summary}}."""
+def evaluate_checkpoints(checkpoints, data=None, splits=None, mode="subnet", batch_size=32,
+                         dtype="fp32") -> list[dict]:
+    """One row per checkpoint: {name, mode, device, dtype, splits: {split: summary}}; ``dtype``
+    fp32, or bf16/fp16 autocast."""
     import torch
 
     from lads.engine import evaluate, load_model, load_split
     from lads.models.text import load_tokenizer
     from lads.util import dist
+    from lads.util.amp import DTYPES
 
     device = dist.local_device()
     dist.init_distributed(device)
@@ -36,11 +41,12 @@ def evaluate_checkpoints(checkpoints, data=None, splits=None, mode="subnet", bat
         results = {}
         for split in splits or cfg.data.eval_splits:
             dataset = load_split(cfg, split, False, tokenizer)
-            results[split] = evaluate(model, dataset, batch_size, mode if not cfg.model.dense else "dense")
+            results[split] = evaluate(model, dataset, batch_size, mode if not cfg.model.dense else "dense",
+                                      amp=DTYPES[dtype])
         run = Path(ckpt).parent if Path(ckpt).name == "checkpoint" else Path(ckpt)
         name = ("dense" if cfg.model.dense else "LADS") + f" ({run.name})"
         rows.append({"name": name, "checkpoint": str(ckpt), "mode": mode, "device": dist.device_name(device),
-                     "dtype": str(torch.get_default_dtype()).replace("torch.", ""),
+                     "dtype": "float32" if dtype == "fp32" else f"{dtype} autocast",
                      "threads": torch.get_num_threads(), "splits": results})
     return rows
 
@@ -75,7 +81,7 @@ def markdown_table(rows: list[dict]) -> str:
 def run(args):
     from lads.util import dist
 
-    rows = evaluate_checkpoints(args.checkpoint, args.data, args.splits, args.mode, args.batch_size)
+    rows = evaluate_checkpoints(args.checkpoint, args.data, args.splits, args.mode, args.batch_size, args.dtype)
     if not dist.is_main():
         return
     table = markdown_table(rows)

@@ -22,7 +22,8 @@ import torch
 from lads.errors import LadsError, warn
 from lads.models.gating import Gates
 from lads.models.lads import check_inputs
-from lads.models.subnet import Subnet, extract_subnet
+from lads.util.amp import amp_dtype, autocast, check_amp
+from lads.models.subnet import BackbonePlan, Subnet, extract_subnet, subnet_tensors, weights_version
 
 MODES = ("dense", "masked", "subnet")
 
@@ -62,18 +63,19 @@ def prepare_inputs(image, expressions: list[str] | str, config, tokenizer) -> tu
     return inputs, meta
 
 
-def predict(model, image, expressions: list[str] | str, mode: str = "subnet", tokenizer=None) -> list[dict]:
+def predict(model, image, expressions: list[str] | str, mode: str = "subnet", tokenizer=None,
+            amp: str = "none") -> list[dict]:
     """Boxes ``[x1, y1, x2, y2]`` in original image pixels, one dict per expression, with the
-    subnet that found it (``describe``). The model keeps a runner, hence a cache of subnets,
-    between calls."""
+    subnet that found it (``describe``); ``amp`` as ``SubnetRunner``'s. The model keeps a
+    runner, hence a cache of subnets, between calls (one per ``amp``)."""
     from lads.models.text import load_tokenizer
 
     tokenizer = tokenizer or load_tokenizer(model.config.text.name)
     inputs, meta = prepare_inputs(image, expressions, model.config, tokenizer)
     device = next(model.parameters()).device
     model.eval()
-    if getattr(model, "_runner", None) is None:
-        model._runner = SubnetRunner(model)
+    if getattr(model, "_runner", None) is None or model._runner.amp != amp:
+        model._runner = SubnetRunner(model, amp=amp)
     result = model._runner(**{k: v.to(device) for k, v in inputs.items()}, mode=mode)
     return describe(model, result, meta, [expressions] if isinstance(expressions, str) else list(expressions),
                     inputs["attention_mask"])
@@ -113,12 +115,19 @@ def group_by_pattern(gates: Gates) -> dict[bytes, list[int]]:
 class SubnetRunner:
     """Ground a batch of expressions with dense, masked or extracted networks.
 
-    ``SubnetRunner(model, cache_size=32, fold_bn=True, channels_last=True)``; ``model`` must be
-    in eval mode; batch norm is folded into the subnets' convolutions unless ``fold_bn=False``,
-    and subnets run in the NHWC memory format unless ``channels_last=False`` (faster convolutions
-    on CPUs and GPUs: benchmarks/README.md).
-    ``cache_size`` subnets are kept (least recently used evicted; 0: none kept). The cache holds
-    copies of the weights: call :meth:`clear` after the model's weights change.
+    ``SubnetRunner(model, cache_mb=None, fold_bn=True, channels_last=True, amp="none")``;
+    ``model`` must be in eval mode; batch norm is folded into the subnets' convolutions unless
+    ``fold_bn=False`` (each convolution folded once, shared by every subnet), and folded or
+    sliced weights are NHWC unless ``channels_last=False`` (faster convolutions on CPUs and
+    GPUs: benchmarks/README.md). Subnets share every tensor they do not prune with the
+    supernet. ``amp`` (``none``, ``bf16``, ``fp16``) runs everything under that autocast, with
+    the folded weights stored in its dtype; boxes and gates stay float32 (``lads.util.amp``).
+
+    The cache keeps recent subnets (least recently used evicted) while the bytes of the tensors
+    their extraction made stay within ``cache_mb`` (default ``model.config.subnet_cache_mb``;
+    0: none kept). It is emptied, and the folded weights made again, when the supernet's
+    weights change (an optimizer step, ``load_state_dict``, moving the model): a stale subnet is
+    never served.
 
     ``runner(images, pixel_mask, input_ids, attention_mask, mode="subnet")`` with
     ``images`` (B, 3, H, W) float, ``pixel_mask`` (B, H, W) bool (True = padding),
@@ -135,32 +144,58 @@ class SubnetRunner:
     - ``cache``: ``{"hits": n, "misses": n}`` for this call.
     """
 
-    def __init__(self, model, cache_size: int = 32, fold_bn: bool = True, channels_last: bool = True):
-        if cache_size < 0:
-            raise LadsError(f"cache_size must be >= 0, got {cache_size}")
-        self.model = model
-        self.cache_size = cache_size
+    def __init__(self, model, cache_mb: float | None = None, fold_bn: bool = True, channels_last: bool = True,
+                 amp: str = "none"):
+        cache_mb = model.config.subnet_cache_mb if cache_mb is None else cache_mb
+        if cache_mb < 0:
+            raise LadsError(f"cache_mb must be >= 0, got {cache_mb}")
+        check_amp(amp, "amp")
+        self.model, self.amp = model, amp
+        self.cache_bytes = int(cache_mb * 2**20)
         self.fold_bn = fold_bn
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.cache: OrderedDict[bytes, Subnet] = OrderedDict()
+        self._plan, self._version = None, None
+        self._tensors = subnet_tensors(model)
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes of the tensors the cached subnets made (the rest is the supernet's)."""
+        return sum(s.new_bytes for s in self.cache.values())
 
     def clear(self):
         self.cache.clear()
+        self._plan = None
 
-    def subnet(self, key: bytes, gates: Gates) -> tuple[Subnet, bool]:
+    def plan(self) -> BackbonePlan:
+        """The backbone plan of the current weights; the cache is emptied when they changed."""
+        version = weights_version(self._tensors)
+        if self._plan is None or version != self._version:
+            self.clear()
+            self._plan = BackbonePlan(self.model.visual_backbone, self.fold_bn, self.memory_format,
+                                      amp_dtype(self.amp))
+            self._version = version
+        return self._plan
+
+    def subnet(self, key: bytes, gates: Gates, plan: BackbonePlan) -> tuple[Subnet, bool]:
         """The cached subnet for ``key``, or a freshly extracted one; and whether it was cached."""
         if key in self.cache:
             self.cache.move_to_end(key)
             return self.cache[key], True
-        subnet = extract_subnet(self.model, gates, self.fold_bn).to(memory_format=self.memory_format)
-        if self.cache_size:
+        subnet = extract_subnet(self.model, gates, plan=plan)
+        if subnet.new_bytes <= self.cache_bytes:
             self.cache[key] = subnet
-            while len(self.cache) > self.cache_size:
-                self.cache.popitem(last=False)
+            total = self.cached_bytes
+            while total > self.cache_bytes:
+                total -= self.cache.popitem(last=False)[1].new_bytes
         return subnet, False
 
     @torch.inference_mode()
     def __call__(self, images, pixel_mask, input_ids, attention_mask, mode: str = "subnet") -> dict:
+        with autocast(images.device, self.amp):
+            return self._run(images, pixel_mask, input_ids, attention_mask, mode)
+
+    def _run(self, images, pixel_mask, input_ids, attention_mask, mode: str) -> dict:
         model = self.model
         if mode not in MODES:
             raise LadsError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -183,10 +218,11 @@ class SubnetRunner:
         cached = []
         if mode == "subnet":
             groups = group_by_pattern(gates)
+            plan = self.plan()
             heads = {}
             images = images.contiguous(memory_format=self.memory_format)
             for key, rows in groups.items():
-                subnet, hit = self.subnet(key, gates.map(lambda g: g[rows[:1]]))
+                subnet, hit = self.subnet(key, gates.map(lambda g: g[rows[:1]]), plan)
                 hits, misses = hits + hit, misses + (not hit)
                 cached.append(hit)
                 times["extract"] += clock.lap()

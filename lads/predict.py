@@ -23,6 +23,8 @@ def add_arguments(parser):
     parser.add_argument("--mode", choices=["subnet", "masked", "dense"], default="subnet",
                         help="subnet: each expression's extracted subnet (default); masked: the supernet with "
                              "its gates multiplied in; dense: every gate open")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="fp32 (default), or bf16/fp16 autocast (boxes and gates stay fp32)")
 
 
 def draw(image, predictions: list[dict], path, truths: list | None = None) -> Path:
@@ -95,11 +97,12 @@ def _dashed_rectangle(canvas, box, colour: str, width: int, dash: int = 6):
 def run(args):
     from lads.engine import load_model
     from lads.inference import predict
+    from lads.util.amp import DTYPES
 
     model, _ = load_model(args.checkpoint)
     if not Path(args.image).exists():
         raise LadsError(f"--image {args.image}: no such file")
-    predictions = predict(model, args.image, args.expr, mode=args.mode)
+    predictions = predict(model, args.image, args.expr, mode=args.mode, amp=DTYPES[args.dtype])
     json.dump(predictions, sys.stdout, indent=2)
     print()
     for i, p in enumerate(predictions, 1):

@@ -34,7 +34,7 @@ from lads.datasets.images import open_rgb
 from lads.datasets.transforms import eval_transform
 from lads.errors import LadsError
 from lads.models.backbone import VisualBackbone
-from lads.util.amp import autocast, check_amp
+from lads.util.amp import autocast, check_amp, grad_scaler
 from lads.util.dist import local_device
 
 WEIGHTS, META = "visual.safetensors", "meta.json"
@@ -186,6 +186,7 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
     head.to(device)
     params = [*backbone.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
+    scaler = grad_scaler(device, cfg.train.amp)
     loader = DataLoader(dataset, p.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
                         num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(p.seed))
     out.mkdir(parents=True, exist_ok=True)
@@ -206,9 +207,11 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
             targets = [t.to(device) for t in centre_targets(objects, features.shape[-1], len(dataset.heads))]
             terms = centre_loss(prediction.float(), *targets, dataset.num_classes)
             optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
+            scaler.scale(terms["loss"]).backward()
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             bar.update(1)
             if step % cfg.train.log_every == 0:

@@ -38,11 +38,14 @@ class Service:
 
     def __init__(self, model, settings, examples: list[Path] = ()):
         from lads.inference import SubnetRunner
+        from lads.util.amp import DTYPES
 
         self.model = model.eval()
         self.settings = settings
         self.examples = list(examples)
-        self.runner = SubnetRunner(self.model)
+        if settings.dtype not in DTYPES:
+            raise LadsError(f"serve.dtype must be one of {', '.join(DTYPES)}, got {settings.dtype!r}")
+        self.runner = SubnetRunner(self.model, amp=DTYPES[settings.dtype])
         self.lock = threading.Lock()
 
     def read_image(self, data: bytes):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from helpers import make_batch
 from lads.cli import main as lads_main
 from lads.models import Gates, build_model
+from lads.models.fusion import attn_block, ffn_block, input_sequence
 
 # ----------------------------------------------------------------------------- hand counts
 
@@ -159,8 +160,8 @@ def test_closed_fusion_sublayer_is_exact_identity(tiny_model):
     zero, one = torch.zeros(2), torch.ones(2)
     with torch.no_grad():
         assert torch.equal(layer(x, pos, mask, zero, zero), x)
-        assert torch.equal(layer(x, pos, mask, zero, one), x + layer.ffn_block(x))
-        after_attn = x + layer.attn_block(x, pos, mask)
+        assert torch.equal(layer(x, pos, mask, zero, one), x + ffn_block(layer, x))
+        after_attn = x + attn_block(layer, x, pos, mask)
         assert torch.equal(layer(x, pos, mask, one, zero), after_attn)
         assert not torch.allclose(layer(x, pos, mask, one, one), x)
 
@@ -214,10 +215,10 @@ def masked_reference(model, images, pixel_mask, ids, mask, gates: Gates):
     text, text_mask = model.text_backbone(ids, mask)
     fusion = model.fusion
     vmask = F.interpolate(pixel_mask[:, None].float(), size=x.shape[-2:]).bool()[:, 0]
-    t, pos, kpm = fusion.tokens(x, vmask, text, text_mask)
+    t, pos, kpm = input_sequence(fusion, x, vmask, text, text_mask)
     for layer in fusion.layers:
-        t = t + gates.layer[:, lg, None, None] * layer.attn_block(t, pos, kpm)
-        t = t + gates.layer[:, lg + 1, None, None] * layer.ffn_block(t)
+        t = t + gates.layer[:, lg, None, None] * attn_block(layer, t, pos, kpm)
+        t = t + gates.layer[:, lg + 1, None, None] * ffn_block(layer, t)
         lg += 2
     assert (lg, fg) == (gates.layer.shape[1], gates.filter.shape[1])
     t = fusion.norm(t)

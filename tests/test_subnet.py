@@ -1,5 +1,6 @@
 """Real subnets (docs/design.md §3): extraction equals the masked supernet, FLOPs, grouping runner."""
 
+import copy
 import shutil
 
 import pytest
@@ -102,7 +103,7 @@ def check_structure(model, subnet, gates):
     open_filters = [int(f.sum()) for f, (n, _) in zip(filter_gates, model.visual_backbone.blocks()) if n in names]
     assert [b.filters for b in subnet.blocks] == open_filters
     for block, n in zip(subnet.blocks, open_filters):
-        convs = [m for m in block.branch or [] if isinstance(m, torch.nn.Conv2d)]
+        convs = list(block.branch or [])
         assert [c.out_channels for c in convs[1:2]] + [c.in_channels for c in convs[2:]] == ([n, n] if n else [])
     assert len(subnet.sublayers) == int(sum(g[0] for g in fusion_gates))
     assert sum(1 for _ in subnet.modules() if isinstance(_, torch.nn.MultiheadAttention)) == sum(
@@ -145,10 +146,12 @@ def test_folded_subnet_has_no_norms(make_model):
     model = make_model("tiny")
     gates = random_gates(model.layout, 0.5, generator=torch.Generator().manual_seed(0))
     folded = extract_subnet(model, gates, fold_bn=True)
-    assert not any(isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)) for m in folded.modules())
-    assert not any(p.requires_grad for p in folded.parameters())
+    convs = [folded.stem, *(c for b in folded.blocks for c in (*(b.branch or ()), b.downsample) if c is not None)]
+    assert convs and all(c.norm is None and c.bias is not None for c in convs)
     with pytest.raises(LadsError, match="inference only"):
         folded.train()
+    with pytest.raises(LadsError, match="shares its supernet's weights"):
+        folded.to(torch.float64)
 
 
 @pytest.mark.parametrize("preset,extra", [("tiny", PAPER_HEAD), ("tiny", TOKEN_HEAD), ("lads-r50", ())],
@@ -180,7 +183,7 @@ def test_runner_groups_caches_and_matches_masked(make_model):
     images, pixel_mask, input_ids, attention_mask = inputs(model, batch=6, seed=1)
     input_ids[3] = input_ids[0]  # rows 0 and 3: the same expression (on different images)
     attention_mask[3] = attention_mask[0]
-    runner = SubnetRunner(model, cache_size=8)
+    runner = SubnetRunner(model)
     out = runner(images, pixel_mask, input_ids, attention_mask, mode="subnet")
     gates = out["gates"]
     assert len({bytes(torch.cat((gates.layer[i], gates.filter[i])).bool().numpy()) for i in range(6)}) == 5
@@ -202,10 +205,6 @@ def test_runner_groups_caches_and_matches_masked(make_model):
 
     dense = runner(images, pixel_mask, input_ids, attention_mask, mode="dense")
     assert bool(dense["gates"].filter.all()) and not torch.allclose(dense["boxes"], out["boxes"])
-
-    small = SubnetRunner(model, cache_size=2)
-    small(images, pixel_mask, input_ids, attention_mask)
-    assert len(small.cache) == 2
 
     nchw = SubnetRunner(model, fold_bn=False, channels_last=False)(images, pixel_mask, input_ids, attention_mask)
     torch.testing.assert_close(nchw["boxes"], out["boxes"], atol=ATOL, rtol=0)
@@ -252,3 +251,105 @@ def test_block_with_every_filter_closed_runs(make_model):
         x = torch.rand(1, 256, 8, 8)
         block = model.visual_backbone.layer1[1]
         torch.testing.assert_close(subnet.blocks[1](x), torch.relu(x + block.bn3.scale_shift()[1][None, :, None, None]))
+
+
+def test_subnet_shares_what_it_does_not_prune_and_sees_weight_changes(make_model):
+    """Unpruned bottlenecks and open fusion sublayers are the supernet's own tensors and modules
+    (only sliced tensors are new), so an in-place change of a supernet weight reaches them."""
+    model = copy.deepcopy(make_model("tiny"))
+    layout = model.layout
+    gates = random_gates(layout, 0.6, generator=torch.Generator().manual_seed(5))
+    gates.layer.fill_(1)
+    gates.filter[0, layout.filter_slices[1]] = 1  # layer1.1 keeps every filter
+    subnet = extract_subnet(model, gates)
+    block = model.visual_backbone.layer1[1]
+    kept = subnet.blocks[subnet.block_names.index("layer1.1")]
+    assert all(c.weight is conv.weight for c, conv in zip(kept.branch, (block.conv1, block.conv2, block.conv3)))
+    pruned = subnet.blocks[subnet.block_names.index("layer1.2")]
+    assert pruned.branch[0].weight is model.visual_backbone.layer1[2].conv1.weight  # conv1 is never sliced
+    assert pruned.branch[1].weight.data_ptr() != model.visual_backbone.layer1[2].conv2.weight.data_ptr()
+    layer = model.fusion.layers[0]
+    attn = subnet.sublayers[subnet.sublayer_names.index("fusion.0.attn")]
+    assert attn.self_attn is layer.self_attn and attn.norm1 is layer.norm1
+    supernet = {t.data_ptr() for t in (*model.parameters(), *model.buffers())}
+    held = {t.data_ptr(): t for b in subnet.blocks for c in b.branch or ()
+            for t in (c.weight, c.bias, *(c.norm[:4] if c.norm else ())) if t is not None}
+    assert 0 < subnet.new_bytes == sum(t.nbytes for ptr, t in held.items() if ptr not in supernet)
+    open_subnet = extract_subnet(model, gates.map(torch.ones_like))
+    assert open_subnet.new_bytes == 0
+
+    images, pixel_mask, input_ids, attention_mask = inputs(model)
+    with torch.no_grad():
+        text, text_mask = model.encode_text(input_ids, attention_mask)
+        before = subnet(images, pixel_mask, text, text_mask)["boxes"]
+        block.conv2.weight.mul_(1.5)
+        layer.linear1.weight.mul_(1.5)
+        after = subnet(images, pixel_mask, text, text_mask)["boxes"]
+        masked = model.ground(images, pixel_mask, text, text_mask, gates.map(lambda g: g.expand(2, -1)))["boxes"]
+    assert (after - before).abs().max() > 1e-4
+    torch.testing.assert_close(after, masked, atol=ATOL, rtol=0)
+
+
+def test_runner_never_serves_a_stale_subnet(make_model):
+    """After ``load_state_dict`` (or any in-place write) the runner extracts again: its boxes are
+    those of the new weights, for sliced and folded tensors too."""
+    model = copy.deepcopy(make_model("tiny", extra=("model.gating.bias_init=0.0",)))
+    args = inputs(model, batch=3, seed=2)
+    runner = SubnetRunner(model)
+    first = runner(*args)
+    assert runner(*args)["cache"]["misses"] == 0
+    state = {k: v * 1.1 if v.is_floating_point() and "text_backbone" not in k and "gating" not in k else v
+             for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    again = runner(*args)
+    assert again["cache"]["hits"] == 0 and again["cache"]["misses"] > 0
+    masked = runner(*args, mode="masked")
+    torch.testing.assert_close(again["boxes"], masked["boxes"], atol=ATOL, rtol=0)
+    assert (again["boxes"] - first["boxes"]).abs().max() > 1e-4
+
+
+def test_cache_stays_within_its_byte_bound(make_model):
+    model = make_model("tiny", extra=("model.gating.bias_init=0.0",))
+    sizes = [extract_subnet(model, random_gates(model.layout, 0.5, generator=torch.Generator().manual_seed(i)),
+                            fold_bn=True).new_bytes for i in range(3)]
+    bound_mb = 2.5 * max(sizes) / 2**20
+    runner = SubnetRunner(model, cache_mb=bound_mb)
+    seen = 0
+    for seed in range(6):
+        out = runner(*inputs(model, batch=4, seed=seed))
+        seen += out["cache"]["misses"]
+        assert 0 < runner.cached_bytes <= bound_mb * 2**20
+    assert len(runner.cache) < seen  # some were evicted
+    assert len(SubnetRunner(model, cache_mb=0)(*inputs(model))["groups"]) == 2
+    none = SubnetRunner(model, cache_mb=0)
+    none(*inputs(model))
+    assert not none.cache and none.cached_bytes == 0
+    with pytest.raises(LadsError, match="cache_mb"):
+        SubnetRunner(model, cache_mb=-1)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_low_precision_subnet_matches_the_masked_supernet(make_model, amp):
+    """Under bf16/fp16 autocast, with folded weights stored in that dtype, every pattern's subnet
+    gives the boxes and token scores of the masked supernet under the same autocast to 2e-2 of
+    the image side (bf16 keeps 8 bits of mantissa); boxes stay float32. The runner does the same."""
+    from lads.models.subnet import BackbonePlan
+    from lads.util.amp import AMP
+
+    model = make_model("tiny", extra=TOKEN_HEAD)
+    images, pixel_mask, input_ids, attention_mask = inputs(model)
+    for fold_bn in (False, True):
+        plan = BackbonePlan(model.visual_backbone, fold_bn, torch.channels_last, AMP[amp])
+        with torch.no_grad(), torch.autocast("cpu", dtype=AMP[amp]):
+            text, text_mask = model.encode_text(input_ids, attention_mask)
+            for name, gates in patterns(model.layout):
+                out = extract_subnet(model, gates, plan=plan)(images, pixel_mask, text, text_mask)
+                masked = model.ground(images, pixel_mask, text, text_mask, gates.map(lambda g: g.expand(2, -1)))
+                assert out["boxes"].dtype == torch.float32
+                for key in ("token_scores", "token_boxes"):  # the argmax over near-equal scores may flip
+                    torch.testing.assert_close(out[key].float(), masked[key].float(), atol=2e-2, rtol=0, msg=name)
+                torch.testing.assert_close(out["heads"]["cls"], masked["heads"]["cls"], atol=2e-2, rtol=0, msg=name)
+    low = SubnetRunner(model, amp=amp)
+    sub, masked = low(images, pixel_mask, input_ids, attention_mask), low(images, pixel_mask, input_ids, attention_mask, mode="masked")
+    assert low._plan.dtype == AMP[amp]
+    torch.testing.assert_close(sub["heads"]["cls"], masked["heads"]["cls"], atol=2e-2, rtol=0)

@@ -88,23 +88,26 @@ def stage_first_blocks(layout: GateLayout) -> list[int]:
 def kept_flops_fraction(model, layer, filt, text_tokens) -> np.ndarray:
     """(N,) FLOPs of each expression's extracted subnet over those of the all-open one, at the
     model's image size and the expression's token count: ``Subnet.analytic_flops``, the count
-    that the subnet tests check against ``FlopCounterMode``. Subnets are extracted once per gate
-    pattern; ``model`` must be in eval mode."""
-    from lads.inference import gate_key
+    that the subnet tests check against ``FlopCounterMode``. One subnet at a time is extracted
+    per gate pattern, and only its counts are kept; ``model`` must be in eval mode."""
+    from lads.inference import group_by_pattern
     from lads.models.gating import Gates
-    from lads.models.subnet import extract_subnet
+    from lads.models.subnet import BackbonePlan, extract_subnet
 
     size = model.config.image_size
     gates = Gates(torch.as_tensor(np.asarray(layer, np.float32)), torch.as_tensor(np.asarray(filt, np.float32)))
-    dense = extract_subnet(model, gates.map(lambda g: torch.ones_like(g[0])))
-    subnets: dict[bytes, object] = {}
+    tokens = np.asarray(text_tokens, dtype=int)
+    plan = BackbonePlan(model.visual_backbone, fold_bn=False)
+
+    def counts(subnet, rows) -> dict[int, int]:
+        return {int(n): subnet.analytic_flops(1, size, size, int(n))["total"] for n in np.unique(tokens[rows])}
+
+    dense = counts(extract_subnet(model, gates.map(lambda g: torch.ones_like(g[0])), plan=plan), np.arange(len(tokens)))
     fractions = np.empty(len(gates))
-    for i, tokens in enumerate(int(t) for t in text_tokens):
-        key = gate_key(gates, i)
-        if key not in subnets:
-            subnets[key] = extract_subnet(model, gates.map(lambda g: g[i]))
-        kept = subnets[key].analytic_flops(1, size, size, tokens)["total"]
-        fractions[i] = kept / dense.analytic_flops(1, size, size, tokens)["total"]
+    for rows in group_by_pattern(gates).values():
+        kept = counts(extract_subnet(model, gates.map(lambda g: g[rows[0]]), plan=plan), rows)
+        for i in rows:
+            fractions[i] = kept[tokens[i]] / dense[tokens[i]]
     return fractions
 
 

@@ -47,6 +47,38 @@ def attention_backend(x: torch.Tensor):
     return nullcontext()
 
 
+FUSION_SUBLAYERS = {  # the modules each gated sublayer of a GatedEncoderLayer reads
+    "attn": ("norm1", "self_attn", "dropout1"),
+    "ffn": ("norm2", "linear1", "dropout", "linear2", "dropout2"),
+}
+
+
+def attn_block(m, x, pos, key_padding_mask):
+    """``MHSA(LN(x))`` of Eq. 6, positions added to queries and keys, for a module ``m`` holding
+    ``FUSION_SUBLAYERS["attn"]`` (a ``GatedEncoderLayer`` or an extracted sublayer)."""
+    h = m.norm1(x)
+    q = k = h + pos
+    with attention_backend(h):
+        h = m.self_attn(q, k, h, key_padding_mask=key_padding_mask, need_weights=False)[0]
+    return m.dropout1(h)
+
+
+def ffn_block(m, x):
+    """``FFN(LN(x))`` of Eq. 6 for a module ``m`` holding ``FUSION_SUBLAYERS["ffn"]``."""
+    return m.dropout2(m.linear2(m.dropout(F.relu(m.linear1(m.norm2(x))))))
+
+
+def input_sequence(m, visual, visual_mask, text, text_mask):
+    """The fusion's input ``[text tokens; visual tokens]`` with positions added, its positional
+    embedding and its key-padding mask, for a module ``m`` holding ``visual_proj``, ``text_proj``
+    and ``d_model`` (a ``ModalityInteraction`` or an extracted subnet)."""
+    v = m.visual_proj(visual).flatten(2).transpose(1, 2)
+    x = torch.cat((m.text_proj(text), v), dim=1)
+    pos = torch.cat((torch.zeros_like(x[:, : text.shape[1]]), sine_position_embedding(visual_mask, m.d_model)), dim=1)
+    key_padding_mask = torch.cat((~text_mask, visual_mask.flatten(1)), dim=1)
+    return x + pos, pos, key_padding_mask
+
+
 class GatedEncoderLayer(nn.Module):
     """Pre-norm transformer encoder layer whose MHSA and FFN residuals are gated (Eq. 6)."""
 
@@ -61,21 +93,10 @@ class GatedEncoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
 
-    def attn_block(self, x, pos, key_padding_mask):
-        h = self.norm1(x)
-        q = k = h + pos
-        with attention_backend(h):
-            h = self.self_attn(q, k, h, key_padding_mask=key_padding_mask, need_weights=False)[0]
-        return self.dropout1(h)
-
-    def ffn_block(self, x):
-        h = self.linear2(self.dropout(F.relu(self.linear1(self.norm2(x)))))
-        return self.dropout2(h)
-
     def forward(self, x, pos, key_padding_mask, gate_attn=None, gate_ffn=None):
-        h = self.attn_block(x, pos, key_padding_mask)
+        h = attn_block(self, x, pos, key_padding_mask)
         x = x + (h if gate_attn is None else gate_attn[:, None, None].to(h.dtype) * h)
-        h = self.ffn_block(x)
+        h = ffn_block(self, x)
         return x + (h if gate_ffn is None else gate_ffn[:, None, None].to(h.dtype) * h)
 
 
@@ -95,21 +116,13 @@ class ModalityInteraction(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def tokens(self, visual, visual_mask, text, text_mask):
-        """The input sequence, its positional embedding and its key-padding mask."""
-        v = self.visual_proj(visual).flatten(2).transpose(1, 2)
-        x = torch.cat((self.text_proj(text), v), dim=1)
-        pos = torch.cat((torch.zeros_like(x[:, : text.shape[1]]), sine_position_embedding(visual_mask, self.d_model)), dim=1)
-        key_padding_mask = torch.cat((~text_mask, visual_mask.flatten(1)), dim=1)
-        return x + pos, pos, key_padding_mask
-
     def forward(self, visual, visual_mask, text, text_mask, gates=None, every_layer: bool = False):
         """The fused sequence ``[text tokens; visual tokens]`` after the final LayerNorm, and,
         with ``every_layer``, the normalised ``[CLS]`` of each earlier layer (deep supervision).
 
         ``gates``: a list of 2·M per-sublayer gates (attn, ffn, attn, …), or None (open).
         """
-        x, pos, key_padding_mask = self.tokens(visual, visual_mask, text, text_mask)
+        x, pos, key_padding_mask = input_sequence(self, visual, visual_mask, text, text_mask)
         earlier = []
         for i, layer in enumerate(self.layers):
             g_attn, g_ffn = (None, None) if gates is None else (gates[2 * i], gates[2 * i + 1])

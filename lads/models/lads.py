@@ -190,11 +190,15 @@ class LADS(nn.Module):
 
         return load_model(path, device)[0]
 
-    def predict(self, image, expressions, mode: str = "subnet") -> list[dict]:
-        """Boxes in original image pixels for one image and one or more expressions."""
+    def predict(self, image, expressions, mode: str = "subnet", dtype: str = "fp32") -> list[dict]:
+        """Boxes in original image pixels for one image and one or more expressions; ``dtype``
+        fp32, or bf16/fp16 autocast."""
         from lads.inference import predict
+        from lads.util.amp import DTYPES
 
-        return predict(self, image, expressions, mode, tokenizer=self.tokenizer)
+        if dtype not in DTYPES:
+            raise LadsError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        return predict(self, image, expressions, mode, tokenizer=self.tokenizer, amp=DTYPES[dtype])
 
     def prepare(self, image, expressions) -> dict:
         """``images``, ``pixel_mask``, ``input_ids``, ``attention_mask`` for one image (a path or

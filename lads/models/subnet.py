@@ -1,29 +1,36 @@
 """Real subnets (docs/design.md §3): one expression's hard gates turned into a static module.
 
 The gates depend on the expression alone, so they are known before the image is touched. The
-extracted :class:`Subnet` holds copies of only what runs:
+extracted :class:`Subnet` runs only what its gates open, and shares every tensor it does not
+prune with the supernet; only sliced tensors are new:
 
 - a bottleneck whose layer gate ``g_L`` is 0 is absent (Eq. 6 makes it exactly ``x``);
 - closed filter gates (Eq. 7) are sliced out of conv2 (output channels), bn2 and conv3 (input
   channels) with ``index_select``; a bottleneck with every filter closed keeps only its
   shortcut plus the constant its masked branch still adds, ``g_L · bn3(conv3(0)) = bn3 shift``;
-- a closed MHSA or FFN sublayer of the fusion module is absent (Eq. 6, pre-norm residual);
-- optionally, eval-mode batch norm is folded into the convolution before it.
+  a bottleneck with every filter open is the supernet's own tensors;
+- a closed MHSA or FFN sublayer of the fusion module is absent (Eq. 6, pre-norm residual); an
+  open one is the supernet's own modules;
+- optionally, eval-mode batch norm is folded into the convolution before it. Folded weights are
+  new tensors; a :class:`BackbonePlan` folds each convolution once and is shared by every
+  subnet extracted from it (``SubnetRunner`` keeps one per version of the weights).
 
 For any image, ``extract_subnet(model, g)(images, pixel_mask, F_l, mask)`` equals
-``model.ground(images, pixel_mask, F_l, mask, g)`` in eval mode to float tolerance.
+``model.ground(images, pixel_mask, F_l, mask, g)`` in eval mode to float tolerance. A subnet
+lives on its supernet's device and in its dtype: move or cast the supernet, then extract.
 """
 
 from __future__ import annotations
 
-import copy
+import itertools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lads.errors import LadsError
-from lads.models.backbone import Bottleneck, FrozenBatchNorm2d, downsample_mask
-from lads.models.fusion import GatedEncoderLayer, ModalityInteraction
+from lads.models.backbone import downsample_mask
+from lads.models.fusion import FUSION_SUBLAYERS, attn_block, ffn_block, input_sequence
 from lads.models.gating import Gates
 from lads.models.lads import check_gates, read_boxes
 from lads.util.flops import attention_flops, conv_flops, head_flops, linear_flops, pool_size
@@ -31,115 +38,175 @@ from lads.util.flops import attention_flops, conv_flops, head_flops, linear_flop
 # ----------------------------------------------------------------------------- building blocks
 
 
-def norm_scale_shift(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode batch norm as ``x · scale + shift`` (per channel)."""
-    if isinstance(norm, FrozenBatchNorm2d):
-        return norm.scale_shift()
-    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
-    return scale, norm.bias - norm.running_mean * scale
+class ConvNorm:
+    """A convolution and the eval-mode batch norm after it, as plain tensors: the supernet's own
+    (:meth:`of`), with the norm folded in (:meth:`folded`: ``W·scale``, bias ``shift``), or
+    sliced to kept channels (:meth:`sliced`). ``norm`` is ``(mean, var, weight, bias, eps)``, or
+    None once folded. ``new_bytes``: the bytes of the tensors made for it (0 when shared)."""
+
+    __slots__ = ("weight", "bias", "norm", "stride", "padding", "dilation", "new_bytes")
+
+    def __init__(self, weight, bias, norm, stride, padding, dilation, new_bytes=0):
+        self.weight, self.bias, self.norm = weight, bias, norm
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.new_bytes = new_bytes
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d, norm: nn.Module) -> "ConvNorm":
+        """``conv`` then ``norm`` (``BatchNorm2d`` in eval mode or ``FrozenBatchNorm2d``), shared."""
+        stats = (norm.running_mean, norm.running_var, norm.weight, norm.bias, norm.eps)
+        return cls(conv.weight, conv.bias, stats, conv.stride, conv.padding, conv.dilation)
+
+    def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode batch norm as ``x · scale + shift`` (per channel)."""
+        mean, var, weight, bias, eps = self.norm
+        scale = weight * (var + eps).rsqrt()
+        return scale, bias - mean * scale
+
+    def folded(self, memory_format=torch.contiguous_format, dtype=None) -> "ConvNorm":
+        """One convolution: ``W · scale`` and bias ``shift`` (+ ``scale · b`` for a conv bias),
+        computed in the weights' dtype and stored in ``dtype`` (that of autocast, if any)."""
+        if self.norm is None:
+            return self
+        scale, shift = self.scale_shift()
+        bias = (shift if self.bias is None else shift + scale * self.bias).to(dtype)
+        weight = (self.weight * scale[:, None, None, None]).to(dtype).contiguous(memory_format=memory_format)
+        return ConvNorm(weight, bias, None, self.stride, self.padding, self.dilation,
+                        weight.nbytes + bias.nbytes)
+
+    def sliced(self, out_index=None, in_index=None, memory_format=torch.contiguous_format) -> "ConvNorm":
+        """The kept output channels (weight rows, bias, norm) and/or input channels (weight columns)."""
+        weight, bias, norm = self.weight, self.bias, self.norm
+        made = []
+        if out_index is not None:
+            weight = weight.index_select(0, out_index)
+            bias = None if bias is None else bias.index_select(0, out_index)
+            if norm is not None:
+                norm = (*(t.index_select(0, out_index) for t in norm[:4]), norm[4])
+                made += norm[:4]
+            made.append(bias)
+        if in_index is not None:
+            weight = weight.index_select(1, in_index)
+        weight = weight.contiguous(memory_format=memory_format)
+        made.append(weight)
+        return ConvNorm(weight, bias, norm, self.stride, self.padding, self.dilation,
+                        sum(t.nbytes for t in made if t is not None))
+
+    def constant(self) -> torch.Tensor:
+        """What the layer outputs for an input of zeros: the norm's shift, or the folded bias."""
+        out = self.scale_shift()[1] if self.norm is not None else self.bias
+        return torch.zeros(self.weight.shape[0], dtype=self.weight.dtype, device=self.weight.device) if out is None else out
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        if self.norm is not None:
+            mean, var, weight, bias, eps = self.norm
+            x = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+        return x
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1]
 
 
-def _new_conv(like: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Conv2d:
-    """A conv with ``like``'s geometry and the given (already copied) weights."""
-    conv = nn.Conv2d(
-        weight.shape[1] * like.groups, weight.shape[0], like.kernel_size, like.stride,
-        like.padding, like.dilation, like.groups, bias=bias is not None, device="meta",
-    )
-    conv.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        conv.bias = nn.Parameter(bias, requires_grad=False)
-    return conv
+class BackbonePlan:
+    """The supernet's visual backbone as :class:`ConvNorm` s, to extract subnets from: shared
+    tensors, or (``fold_bn``) each convolution folded once, when a subnet first needs it, in
+    ``memory_format`` and ``dtype`` (that of the autocast the subnets will run under)."""
+
+    def __init__(self, backbone, fold_bn: bool, memory_format=torch.contiguous_format, dtype=None):
+        self.fold_bn, self.memory_format, self.dtype = fold_bn, memory_format, dtype
+        self.pool = backbone.maxpool
+        self._shared = {"stem": ConvNorm.of(backbone.conv1, backbone.bn1)}
+        self.blocks = []  # (name, has a layer gate, downsample key or None)
+        for name, b in backbone.blocks():
+            for i, (conv, norm) in enumerate(((b.conv1, b.bn1), (b.conv2, b.bn2), (b.conv3, b.bn3))):
+                self._shared[f"{name}.{i + 1}"] = ConvNorm.of(conv, norm)
+            if b.downsample is not None:
+                self._shared[f"{name}.down"] = ConvNorm.of(*b.downsample)
+            self.blocks.append((name, b.downsample is None, b.downsample is not None))
+        self._folded: dict[str, ConvNorm] = {}
+
+    def __getitem__(self, key: str) -> ConvNorm:
+        if not self.fold_bn:
+            return self._shared[key]
+        if key not in self._folded:
+            self._folded[key] = self._shared[key].folded(self.memory_format, self.dtype)
+        return self._folded[key]
+
+    def pruned(self, name: str, keep: torch.Tensor, downsample: bool) -> "PrunedBottleneck":
+        """Bottleneck ``name`` with the filters ``keep`` (indices of conv2's output channels)."""
+        conv1, conv2, conv3 = (self[f"{name}.{i}"] for i in (1, 2, 3))
+        shortcut = self[f"{name}.down"] if downsample else None
+        if len(keep) == conv2.out_channels:
+            return PrunedBottleneck(shortcut, (conv1, conv2, conv3), None)
+        if len(keep) == 0:
+            return PrunedBottleneck(shortcut, None, conv3.constant()[None, :, None, None])
+        sliced = (conv1, conv2.sliced(out_index=keep, memory_format=self.memory_format),
+                  conv3.sliced(in_index=keep, memory_format=self.memory_format))
+        return PrunedBottleneck(shortcut, sliced, None)
 
 
-def _sliced_norm(norm: nn.Module, index: torch.Tensor | None) -> nn.Module:
-    out = copy.deepcopy(norm)
-    if index is None:
-        return out
-    for name, t in [*norm.named_parameters(recurse=False), *norm.named_buffers(recurse=False)]:
-        if t.dim() == 1:
-            sliced = t.detach().index_select(0, index)
-            setattr(out, name, nn.Parameter(sliced, requires_grad=False) if isinstance(t, nn.Parameter) else sliced)
-    out.num_features = len(index)
-    return out
+class PrunedBottleneck:
+    """A bottleneck that runs (``g_L = 1`` or a projection block) with its open filters only:
+    ``relu(shortcut(x) + branch(x))``, ``branch`` = conv1·bn1, relu, conv2·bn2 [kept], relu,
+    conv3[:, kept]·bn3. With no filter open the branch is the constant ``bn3 shift`` (what the
+    masked supernet adds)."""
 
+    __slots__ = ("downsample", "branch", "branch_shift")
 
-def conv_norm(conv: nn.Conv2d, norm: nn.Module, fold_bn: bool, out_index=None, in_index=None) -> list[nn.Module]:
-    """``conv`` then ``norm``, sliced to the kept output/input channels; with ``fold_bn`` one
-    conv ``W·scale, bias = shift`` instead."""
-    weight = conv.weight.detach()
-    if out_index is not None:
-        weight = weight.index_select(0, out_index)
-    if in_index is not None:
-        weight = weight.index_select(1, in_index)
-    if not fold_bn:
-        return [_new_conv(conv, weight.clone(), None), _sliced_norm(norm, out_index)]
-    scale, shift = (t.detach() for t in norm_scale_shift(norm))
-    if out_index is not None:
-        scale, shift = scale[out_index], shift[out_index]
-    return [_new_conv(conv, weight * scale[:, None, None, None], shift.clone())]
+    def __init__(self, downsample, branch, branch_shift):
+        self.downsample, self.branch, self.branch_shift = downsample, branch, branch_shift
 
+    @property
+    def filters(self) -> int:
+        """Open filters: conv2's output channels."""
+        return 0 if self.branch is None else self.branch[1].out_channels
 
-class PrunedBottleneck(nn.Module):
-    """A bottleneck that runs (``g_L = 1`` or a projection block) with its open filters only.
+    @property
+    def new_bytes(self) -> int:
+        made = 0 if self.branch_shift is None else self.branch_shift.nbytes
+        return made + sum(c.new_bytes for c in self.branch or ())
 
-    ``branch`` = conv1, bn1, relu, conv2[kept], bn2[kept], relu, conv3[:, kept], bn3. With no
-    filter open the branch is the constant ``bn3 shift`` (what the masked supernet adds).
-    """
-
-    def __init__(self, block: Bottleneck, keep: torch.Tensor, fold_bn: bool):
-        super().__init__()
-        self.filters = len(keep)  # open filters: conv2's output channels
-        self.downsample = None
-        if block.downsample is not None:
-            self.downsample = nn.Sequential(*conv_norm(block.downsample[0], block.downsample[1], fold_bn))
-        self.branch = None
-        self.register_buffer("branch_shift", None)
-        if len(keep):
-            self.branch = nn.Sequential(
-                *conv_norm(block.conv1, block.bn1, fold_bn), nn.ReLU(inplace=True),
-                *conv_norm(block.conv2, block.bn2, fold_bn, out_index=keep), nn.ReLU(inplace=True),
-                *conv_norm(block.conv3, block.bn3, fold_bn, in_index=keep),
-            )
-        else:
-            self.branch_shift = norm_scale_shift(block.bn3)[1].detach().clone()[None, :, None, None]
-
-    def forward(self, x):
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.branch_shift if self.branch is None else self.branch(x)
-        return torch.relu(out + identity)
+        if self.branch is None:
+            return torch.relu(identity + self.branch_shift)
+        conv1, conv2, conv3 = self.branch
+        out = F.relu(conv2(F.relu(conv1(x), inplace=True)), inplace=True)
+        return F.relu(conv3(out) + identity, inplace=True)
 
     def analytic_flops(self, batch: int, h: int, w: int) -> tuple[int, int, int]:
         """(FLOPs, Hout, Wout) of the convolutions of the shortcut and the branch."""
         flops, h_out, w_out = 0, h, w
-        for path in (self.downsample, self.branch):
-            if path is None:
+        for path in ((self.downsample,), self.branch):
+            if path is None or path[0] is None:
                 continue
             h_out, w_out = h, w
-            for conv in (m for m in path if isinstance(m, nn.Conv2d)):
+            for conv in path:
                 f, h_out, w_out = conv_flops(conv, batch, h_out, w_out)
                 flops += f
         return flops, h_out, w_out
 
 
 class FusionSublayer(nn.Module):
-    """An open MHSA or FFN sublayer: a copy of just the modules it reads, run by the supernet's
-    own ``GatedEncoderLayer.attn_block`` / ``ffn_block``; ``x + F(LN(x))`` (Eq. 6, g = 1)."""
+    """An open MHSA or FFN sublayer, ``x + F(LN(x))`` (Eq. 6, g = 1): the supernet's own modules
+    (``FUSION_SUBLAYERS[kind]``), shared, through the functions the supernet's layer calls."""
 
-    MODULES = {
-        "attn": ("norm1", "self_attn", "dropout1"),
-        "ffn": ("norm2", "linear1", "dropout", "linear2", "dropout2"),
-    }
-
-    def __init__(self, layer: GatedEncoderLayer, kind: str):
+    def __init__(self, layer: nn.Module, kind: str):
         super().__init__()
         self.kind = kind
-        for name in self.MODULES[kind]:
-            setattr(self, name, copy.deepcopy(getattr(layer, name)))
+        for name in FUSION_SUBLAYERS[kind]:
+            self._modules[name] = getattr(layer, name)
 
     def forward(self, x, pos, key_padding_mask):
         if self.kind == "attn":
-            return x + GatedEncoderLayer.attn_block(self, x, pos, key_padding_mask)
-        return x + GatedEncoderLayer.ffn_block(self, x)
+            return x + attn_block(self, x, pos, key_padding_mask)
+        return x + ffn_block(self, x)
 
 
 # ----------------------------------------------------------------------------- the subnet
@@ -150,28 +217,26 @@ class Subnet(nn.Module):
     boxes of ``read_boxes`` (``boxes`` of the inference head, ``heads``, token scores and boxes).
 
     ``blocks``/``block_names``: the bottlenecks that run; ``sublayers``/``sublayer_names``: the
-    fusion sublayers that run. Eval mode only; its parameters do not require grad.
+    fusion sublayers that run; ``gates``: the pattern (CPU); ``new_bytes``: the bytes of the
+    tensors extraction made (the rest is the supernet's). Eval mode only.
     """
 
-    def __init__(self, model, gates: Gates, fold_bn: bool):
+    def __init__(self, model, gates: Gates, plan: BackbonePlan):
         super().__init__()
-        backbone, fusion = model.visual_backbone, model.fusion
+        fusion = model.fusion
         layer_gates, filter_gates, fusion_gates = model.layout.split(gates)
-        self.fold_bn = fold_bn
-        self.stem = nn.Sequential(
-            *conv_norm(backbone.conv1, backbone.bn1, fold_bn), nn.ReLU(inplace=True), copy.deepcopy(backbone.maxpool)
-        )
-        self.block_names, blocks = [], []
-        for (name, block), g_layer, g_filter in zip(backbone.blocks(), layer_gates, filter_gates):
-            if g_layer is not None and not bool(g_layer[0]):
+        self.gates = gates.map(lambda g: g.detach().to("cpu", torch.bool))
+        self.fold_bn = plan.fold_bn
+        self.stem, self.pool = plan["stem"], plan.pool
+        self.block_names, self.blocks = [], []
+        device = plan["stem"].weight.device
+        for (name, has_layer_gate, downsample), g_layer, g_filter in zip(plan.blocks, layer_gates, filter_gates):
+            if has_layer_gate and not bool(g_layer[0]):
                 continue  # Eq. 6: relu(x + 0) = x
-            keep = g_filter[0].nonzero().flatten().to(block.conv2.weight.device)
             self.block_names.append(name)
-            blocks.append(PrunedBottleneck(block, keep, fold_bn))
-        self.blocks = nn.ModuleList(blocks)
-        self.d_model = fusion.d_model  # read by ModalityInteraction.tokens
-        self.visual_proj = copy.deepcopy(fusion.visual_proj)
-        self.text_proj = copy.deepcopy(fusion.text_proj)
+            self.blocks.append(plan.pruned(name, g_filter[0].nonzero().flatten().to(device), downsample))
+        self.d_model = fusion.d_model  # read by input_sequence
+        self.visual_proj, self.text_proj = fusion.visual_proj, fusion.text_proj
         self.sublayer_names, sublayers = [], []
         for i, layer in enumerate(fusion.layers):
             for j, kind in enumerate(("attn", "ffn")):
@@ -179,19 +244,17 @@ class Subnet(nn.Module):
                     self.sublayer_names.append(f"fusion.{i}.{kind}")
                     sublayers.append(FusionSublayer(layer, kind))
         self.sublayers = nn.ModuleList(sublayers)
-        self.norm = copy.deepcopy(fusion.norm)
-        self.head = copy.deepcopy(model.head)
-        self.token_head = copy.deepcopy(model.token_head)
+        self.norm, self.head, self.token_head = fusion.norm, model.head, model.token_head
         self.use_head = model.config.head
-        self.requires_grad_(False)
-        self.eval()
+        self.new_bytes = sum(b.new_bytes for b in self.blocks)
+        self.training = False
 
     def forward(self, images, pixel_mask, text, text_mask):
-        x = self.stem(images)
+        x = self.pool(F.relu(self.stem(images), inplace=True))
         for block in self.blocks:
             x = block(x)
         visual_mask = downsample_mask(pixel_mask, x.shape[-2:])
-        x, pos, key_padding_mask = ModalityInteraction.tokens(self, x, visual_mask, text, text_mask)
+        x, pos, key_padding_mask = input_sequence(self, x, visual_mask, text, text_mask)
         for sublayer in self.sublayers:
             x = sublayer(x, pos, key_padding_mask)
         return read_boxes(self.norm(x), text.shape[1], visual_mask, self.head, self.token_head, self.use_head)
@@ -199,13 +262,16 @@ class Subnet(nn.Module):
     def train(self, mode: bool = True):
         if mode:
             raise LadsError("a Subnet is for inference only; train the supernet instead")
-        return super().train(False)
+        return self  # its modules are the supernet's, in eval mode since extraction
+
+    def _apply(self, fn, recurse=True):
+        raise LadsError("a Subnet shares its supernet's weights: move or cast the supernet, then extract again")
 
     def analytic_flops(self, batch: int, height: int, width: int, text_len: int) -> dict[str, int]:
         """FLOPs from the layer shapes, by the conventions of ``lads.util.flops``: backbone
         (convs), fusion (projections, MHSA, FFN), head (linears), total."""
-        backbone, h, w = conv_flops(self.stem[0], batch, height, width)
-        h, w = pool_size(self.stem[-1], h, w)
+        backbone, h, w = conv_flops(self.stem, batch, height, width)
+        h, w = pool_size(self.pool, h, w)
         for block in self.blocks:
             f, h, w = block.analytic_flops(batch, h, w)
             backbone += f
@@ -220,9 +286,10 @@ class Subnet(nn.Module):
         return {"backbone": backbone, "fusion": fusion, "head": head, "total": backbone + fusion + head}
 
 
-def extract_subnet(model, gates: Gates, fold_bn: bool = False) -> Subnet:
+def extract_subnet(model, gates: Gates, fold_bn: bool = False, plan: BackbonePlan | None = None) -> Subnet:
     """The subnet of one expression's hard gates (``Gates`` of shape (24,)/(1, 24) and
-    (Σc_i,)/(1, Σc_i)); the supernet is left unchanged. docs/design.md §3."""
+    (Σc_i,)/(1, Σc_i)); the supernet is left unchanged. ``plan``: a :class:`BackbonePlan` of
+    ``model`` to reuse (its ``fold_bn`` then decides). docs/design.md §3."""
     if model.training:
         raise LadsError("extract_subnet: the model is in training mode; call model.eval() first")
     if not isinstance(gates, Gates):
@@ -230,7 +297,7 @@ def extract_subnet(model, gates: Gates, fold_bn: bool = False) -> Subnet:
     gates = gates.map(lambda g: g[None] if torch.is_tensor(g) and g.dim() == 1 else g)
     check_gates(gates, model.layout, 1)
     with torch.no_grad():
-        return Subnet(model, gates, fold_bn)
+        return Subnet(model, gates, plan or BackbonePlan(model.visual_backbone, fold_bn))
 
 
 def random_gates(layout, keep: float, batch: int = 1, generator: torch.Generator | None = None) -> Gates:
@@ -241,3 +308,16 @@ def random_gates(layout, keep: float, batch: int = 1, generator: torch.Generator
     layer = torch.rand(batch, layout.num_layer_gates, generator=generator)
     filt = torch.rand(batch, layout.num_filter_gates, generator=generator)
     return Gates((layer < keep).float(), (filt < keep).float())
+
+
+def subnet_tensors(model) -> list[torch.Tensor]:
+    """Every parameter and buffer a subnet may read: visual backbone, fusion, heads."""
+    modules = [model.visual_backbone, model.fusion, model.head, model.token_head]
+    return [t for m in modules if m is not None for t in itertools.chain(m.parameters(), m.buffers())]
+
+
+def weights_version(tensors: list[torch.Tensor]) -> tuple:
+    """Identifies the values of ``tensors``: each one's address and version counter, which
+    in-place writes (an optimizer step, ``load_state_dict``, ``copy_``) increment and moving
+    a module changes. Writes through ``tensor.data`` are not counted."""
+    return tuple((t.data_ptr(), t._version) for t in tensors)

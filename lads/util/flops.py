@@ -35,12 +35,14 @@ def _out_size(size: int, kernel: int, stride: int, padding: int, dilation: int =
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def conv_flops(conv: nn.Conv2d, batch: int, h: int, w: int) -> tuple[int, int, int]:
-    """(FLOPs, Hout, Wout) of ``conv`` on a (batch, Cin, h, w) input."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+def conv_flops(conv, batch: int, h: int, w: int) -> tuple[int, int, int]:
+    """(FLOPs, Hout, Wout) of ``conv`` on a (batch, Cin, h, w) input; ``conv``: anything with
+    a ``weight`` (Cout, Cin/groups, kh, kw), ``stride``, ``padding`` and ``dilation`` (an
+    ``nn.Conv2d``, a subnet's ``ConvNorm``)."""
+    _, _, kh, kw = conv.weight.shape
+    (sh, sw), (ph, pw), (dh, dw) = conv.stride, conv.padding, conv.dilation
     ho, wo = _out_size(h, kh, sh, ph, dh), _out_size(w, kw, sw, pw, dw)
-    flops = 2 * batch * conv.out_channels * ho * wo * (conv.in_channels // conv.groups) * kh * kw
-    return flops, ho, wo
+    return 2 * batch * ho * wo * conv.weight.numel(), ho, wo
 
 
 def pool_size(pool: nn.MaxPool2d, h: int, w: int) -> tuple[int, int]:
