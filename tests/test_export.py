@@ -88,6 +88,18 @@ def test_round_trip_matches_pytorch_subnet(model, tmp_path, format, pattern):
     assert deploy.check_export(model, module, path, format, "the red circle") < ATOL
 
 
+def test_paper_head_exports_boxes_only(tiny_text_dir, tmp_path):
+    """``model.head=cls`` without a token head: the one output is the [CLS] head's boxes."""
+    from lads.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny", [f"model.text.name={tiny_text_dir}", "model.text.num_layers=2", "model.head=cls",
+                                 "model.loss.token=0", "model.loss.token_box=0"]).eval()
+    module = deploy.export_subnet(model, tmp_path / "cls.onnx", gates=closed_groups(model.layout))
+    assert module.output_names == ["boxes"]
+    assert deploy.check_export(model, module, tmp_path / "cls.onnx", "onnx", "the red circle") < ATOL
+
+
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_onnx_graph_holds_only_the_subnet(model, tmp_path, pattern):
     """One Conv node per convolution of the (folded) subnet: closed layers and filters are gone."""
