@@ -20,6 +20,7 @@ COMMANDS = {
     "train": ("lads.train", "train LADS or the dense baseline (one process, or many with torchrun)"),
     "eval": ("lads.evaluate", "Prec@0.5 per split, time per expression, subnet sizes"),
     "predict": ("lads.predict", "boxes for your own image and expressions"),
+    "export": ("lads.export", "write one expression's subnet as ONNX or TorchScript for deployment"),
     "bench": ("lads.bench", "time and count FLOPs of dense, masked and extracted subnets"),
     "analyze": ("lads.analyze", "see the subnets over a split: selection rates, t-SNE, drawings, word clouds"),
     "serve": ("lads.serve", "a web page to try a model, and an HTTP API to call it"),

@@ -73,7 +73,7 @@ def read_boxes(fused, text_len: int, visual_mask, head: BoxHead, token_head: Tok
         out["token_scores"], out["token_boxes"] = token_head(fused[:, text_len:], visual_mask)
     if out["token_boxes"] is not None:
         best = out["token_scores"].argmax(1)
-        out["heads"]["token"] = out["token_boxes"][torch.arange(len(best), device=best.device), best]
+        out["heads"]["token"] = out["token_boxes"][torch.arange(best.shape[0], device=best.device), best]
     out["boxes"] = out["heads"][use]
     return out
 
