@@ -5,6 +5,7 @@ folder, and refuses another architecture with a message that says what differs."
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -86,3 +87,16 @@ def test_init_with_another_architecture_says_what_differs(dense_run, tmp_path):
         init_weights(model, cfg.model.init)
     with pytest.raises(LadsError, match="no such folder"):
         init_weights(model, checkpoint.parent / "nothing")
+
+
+def test_the_paper_presets_pretrain_then_finetune():
+    pre = load_config("pretrain-mixture")
+    assert [s.path.split("/")[-1] for s in pre.data.mixture] == [
+        "refcoco", "refcoco+", "refcocog", "refclef", "visual_genome", "flickr30k_entities"]
+    assert pre.data.exclude is None  # leak-free by default: the eval splits of its REFER sources
+    assert (pre.train.epochs, pre.train.lr_drop_epoch, pre.train.batch_size) == (40, 30, 512)  # the paper
+    for name in ("refcoco-ft", "refcoco+-ft", "refcocog-ft", "referit-ft"):
+        ft = load_config(name)
+        assert ft.model.init == "runs/pretrain-mixture/checkpoint" and not ft.data.mixture
+        assert (ft.train.epochs, ft.train.lr_drop_epoch, ft.train.batch_size) == (20, 10, 256)
+        assert dataclasses.replace(ft.model, init=None) == pre.model  # the same architecture: a strict load
