@@ -27,7 +27,7 @@ def test_presets_and_overrides():
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(ConfigError, match=r"'nope'.*known presets: lads-r50, refcoco, .*, tiny"):
+    with pytest.raises(ConfigError, match=r"'nope'.*known presets: lads-r50, pretrain-mixture, refcoco, .*, tiny"):
         load_config("nope")
 
 
