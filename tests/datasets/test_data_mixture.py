@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 from collections import Counter
 
 import numpy as np
@@ -213,3 +216,14 @@ def test_mixture_config_is_checked(tmp_path, sources):
     assert cfg.data.mixture == [MixtureSource(path="x", weight=2.0)] and cfg.data.exclude == [EvalSet(path="y")]
     with pytest.raises(LadsError, match=r"mine\.jsonl: no split 'val'; this dataset has train"):
         load_mixture(data_config(tmp_path, [{"path": sources["mine"], "split": "val"}]), say=lambda line: None)
+
+
+def test_lads_data_index_builds_the_tables_and_reports(tmp_path, sources):
+    mixture = json.dumps([{"path": sources["vg"]}, {"path": sources["mine"]}, {"path": sources["refcoco"]}])
+    result = subprocess.run([sys.executable, "-m", "lads.cli", "data", "index", "--set", f"data.mixture={mixture}",
+                             "--set", f"data.index_dir={tmp_path / 'index'}"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "mixture of 3 sources, 16 samples an epoch" in result.stdout
+    assert f"{sources['vg']} [train]: 8 expressions, share 50.0 %; removed 4 of evaluation images" in result.stdout
+    assert len(list((tmp_path / "index").glob("*/table.json"))) == 3
