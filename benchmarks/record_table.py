@@ -171,7 +171,7 @@ def report(result: dict) -> str:
         f"| build process, peak RSS | {b['build_peak_rss_mb']:.0f} MB |",
         f"| table on disk | {b['table_mb']:.0f} MB ({b['bytes_per_record']} bytes a record, {b['images']:,} images) |",
         f"| open (memory-mapped) + mixture | {l['open_s']} s |",
-        f"| read every page once (cold or warm page cache) | {l['touch_all_pages_s']} s |",
+        f"| read every page once (page cache warm: the table was just written) | {l['touch_all_pages_s']} s |",
         f"| {l['workers']} workers: {l['draws']:,} random records | {l['draw_s']} s ({l['records_per_s']:,} records/s) |",
         f"| main process: RSS / PSS / USS | {l['main']['rss_mb']:.0f} / {l['main']['pss_mb']:.0f} / {l['main']['uss_mb']:.0f} MB |",
         f"| a worker (mean): RSS / PSS / USS | {l['worker_mean']['rss_mb']:.0f} / {l['worker_mean']['pss_mb']:.0f} / "
