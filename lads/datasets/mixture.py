@@ -37,6 +37,7 @@ class Mixture(Records):
         self.tables, self.rows, self.names = tables, rows, names
         self.starts = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
         self.shares = np.asarray(shares, np.float64) / np.sum(shares)
+        self.report: list[dict] = []  # per source, from load_mixture: kept, removed, skipped
 
     def __len__(self) -> int:
         return int(self.starts[-1])
