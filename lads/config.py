@@ -95,8 +95,29 @@ class ModelConfig:
 
 
 @dataclass
+class MixtureSource:
+    """One dataset of a pre-training mixture (docs/data.md, "Mixtures")."""
+
+    path: str = ""
+    split: str = "train"
+    weight: Optional[float] = None  # its share of an epoch; unset for every source: shares as sizes
+    image_root: Optional[str] = None
+    split_by: Optional[str] = None
+
+
+@dataclass
+class EvalSet:
+    """A dataset whose evaluation images (val, test, testA, testB, testC) a mixture leaves out."""
+
+    path: str = ""
+    split_by: Optional[str] = None
+
+
+@dataclass
 class DataConfig:
-    """Where the expressions are; ``path`` is a REFER folder, a TransVG split folder or JSONL."""
+    """Where the expressions are; ``path`` is any dataset ``lads data stats`` reads (REFER,
+    TransVG, Flickr30k Entities, Visual Genome, JSONL). With a ``mixture``, training draws from
+    its sources instead and ``path`` is the evaluation set."""
 
     path: str = ""
     image_root: Optional[str] = None  # images of REFER/TransVG data (e.g. COCO train2014)
@@ -107,6 +128,9 @@ class DataConfig:
     crop: float = 0.5  # probability of the random crop that keeps the box (0: none; see docs/design.md)
     num_workers: int = 2
     strict: bool = False  # bad records are errors rather than skipped and counted
+    mixture: list[MixtureSource] = field(default_factory=list)  # training sources, sampled by weight
+    exclude: Optional[list[EvalSet]] = None  # their eval images leave the mixture; unset: its REFER/TransVG sources
+    index_dir: str = "data/index"  # record tables of the mixture's sources, built once, memory-mapped
 
 
 @dataclass

@@ -28,7 +28,8 @@ from lads.config import Config, config_from_dict, to_dict
 from lads.errors import LadsError
 from lads.util import dist
 from lads.util.amp import autocast, check_amp, grad_scaler
-from lads.util.checkpoint import TEXT, load_training_state, load_weights, read_meta, save_checkpoint
+from lads.util.checkpoint import (TEXT, load_training_state, load_weights, read_meta, resolve_checkpoint,
+                                  save_checkpoint)
 
 
 def mix_seed(*parts: int) -> int:
@@ -47,6 +48,14 @@ class SeededSamples(Dataset):
 
     def __len__(self):
         return len(self.dataset)
+
+    def order(self, epoch: int):
+        """The indices of ``epoch``: a permutation seeded by (seed, epoch), or a mixture's
+        weighted draw (``Mixture.epoch_order``)."""
+        records = getattr(self.dataset, "records", None)
+        if hasattr(records, "epoch_order"):
+            return records.epoch_order(mix_seed(self.seed, 7), epoch)
+        return epoch_permutation(len(self), self.seed, epoch)
 
     def __getitem__(self, item):
         epoch, index = item
@@ -100,16 +109,21 @@ def load_split(cfg: Config, split: str, train: bool, tokenizer):
     from lads.datasets.dataset import RecDataset
     from lads.datasets.transforms import Augment
 
-    if not cfg.data.path:
-        raise LadsError("data.path is not set: give --data PATH (a REFER folder, TransVG split folder or JSONL file)")
-    records, skipped = load_records(
-        cfg.data.path, split, image_root=cfg.data.image_root, split_by=cfg.data.split_by, strict=cfg.data.strict
-    )
-    if skipped and dist.is_main():
-        reasons = ", ".join(f"{n} {why}" for why, n in skipped.items())
-        print(f"{cfg.data.path} [{split}]: skipped {sum(skipped.values())} records ({reasons})")
-    if not records:
-        raise LadsError(f"{cfg.data.path}: split {split!r} holds no usable expression")
+    if train and cfg.data.mixture:
+        from lads.datasets.mixture import load_mixture
+
+        records = load_mixture(cfg.data)
+    else:
+        if not cfg.data.path:
+            raise LadsError("data.path is not set: give --data PATH (a REFER folder, TransVG split folder or JSONL file)")
+        records, skipped = load_records(
+            cfg.data.path, split, image_root=cfg.data.image_root, split_by=cfg.data.split_by, strict=cfg.data.strict
+        )
+        if skipped and dist.is_main():
+            reasons = ", ".join(f"{n} {why}" for why, n in skipped.items())
+            print(f"{cfg.data.path} [{split}]: skipped {sum(skipped.values())} records ({reasons})")
+        if not records:
+            raise LadsError(f"{cfg.data.path}: split {split!r} holds no usable expression")
     return RecDataset(
         records, tokenizer, cfg.model.image_size, cfg.model.text.max_tokens,
         train=train and cfg.data.augment, augment=Augment(crop=cfg.data.crop),
@@ -194,14 +208,17 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
     accumulation = t.batch_size // (world * t.micro_batch)
     check_amp(t.amp)
     torch.manual_seed(t.seed)
+    built = cfg.model
     if model is None:
-        model = LADS(restored_model_config(cfg.model) if resume or cfg.model.init else cfg.model)
+        origin = resume or cfg.model.init
+        built = restored_model_config(cfg.model, origin) if origin else cfg.model
+        model = LADS(built)
         if cfg.model.init and not resume:
             init_weights(model, cfg.model.init)
     model = model.to(device)
     if t.channels_last:
         model.visual_backbone.to(memory_format=torch.channels_last)
-    tokenizer = load_tokenizer(cfg.model.text.name)
+    tokenizer = load_tokenizer(built.text.name)
     dataset = SeededSamples(load_split(cfg, cfg.data.train_split, True, tokenizer), t.seed)
     val = load_split(cfg, cfg.data.eval_splits[0], False, tokenizer) if t.eval_every > 0 else None
     steps_per_epoch = len(dataset) // t.batch_size
@@ -353,15 +370,28 @@ def _epoch_loader(dataset, cfg, epoch, first_step, steps_per_epoch, accumulation
     from lads.datasets.dataset import collate
 
     t = cfg.train
-    perm = epoch_permutation(len(dataset), t.seed, epoch)
-    plan = [
-        [(epoch, i) for i in micro]
-        for s in range(first_step, steps_per_epoch)
-        for micro in rank_micro_batches(perm, t.batch_size, s, t.micro_batch, accumulation, rank)
-    ]
+    plan = EpochPlan(dataset.order(epoch), epoch, range(first_step, steps_per_epoch), t.batch_size, t.micro_batch,
+                     accumulation, rank)
     workers = cfg.data.num_workers
     return DataLoader(dataset, batch_sampler=plan, collate_fn=collate, num_workers=workers,
                       persistent_workers=False, prefetch_factor=4 if workers else None)
+
+
+class EpochPlan:
+    """A rank's micro-batches of ``(epoch, index)`` for ``steps`` of an epoch, made as they are
+    drawn: an epoch of a 6 M-sample mixture is never held as Python lists."""
+
+    def __init__(self, order, epoch, steps, batch, micro, accumulation, rank):
+        self.order, self.epoch, self.steps = order, epoch, steps
+        self.batch, self.micro, self.accumulation, self.rank = batch, micro, accumulation, rank
+
+    def __len__(self):
+        return len(self.steps) * self.accumulation
+
+    def __iter__(self):
+        for s in self.steps:
+            for micro in rank_micro_batches(self.order, self.batch, s, self.micro, self.accumulation, self.rank):
+                yield [(self.epoch, int(i)) for i in micro]
 
 
 def _all_finite(value: float, device) -> bool:
@@ -488,17 +518,25 @@ def init_weights(model, checkpoint) -> None:
     must match; a dense checkpoint may start a LADS model, whose gating network is then new."""
     folder, saved, _ = read_meta(checkpoint)
     from_dense = saved["model"].get("dense") and model.gating is not None
-    load_weights(folder, model, new="gating." if from_dense else None)
+    try:
+        load_weights(folder, model, new="gating." if from_dense else None)
+    except LadsError as e:
+        raise LadsError(f"model.init={checkpoint}: {e}. The model section of this config must match the "
+                        f"checkpoint's ({folder / 'config.json'}); only a dense checkpoint may start a LADS "
+                        "model, whose gating network is then new") from None
     if dist.is_main():
         print(f"model.init: weights from {folder}" + (" (dense; a new gating network)" if from_dense else ""))
 
 
-def restored_model_config(model_cfg):
-    """``model_cfg`` for a model whose weights come from a checkpoint: no starting weights to
+def restored_model_config(model_cfg, checkpoint=None):
+    """``model_cfg`` for a model whose weights come from ``checkpoint``: no starting weights to
     read (``model.visual.pretrained`` and ``model.init`` stay in the saved config as the run's
-    origin)."""
+    origin), and the text backbone's tokenizer and BERT config from the checkpoint's ``text/``
+    folder where it has one: the vocabulary its weights were trained with, and no download."""
     built = copy.deepcopy(model_cfg)
     built.visual.pretrained = None
+    if checkpoint is not None and (resolve_checkpoint(checkpoint) / TEXT).exists():
+        built.text.name, built.text.pretrained = str(resolve_checkpoint(checkpoint) / TEXT), False
     return built
 
 
@@ -508,9 +546,6 @@ def load_model(checkpoint, device=None):
 
     folder, saved, _ = read_meta(checkpoint)
     cfg = config_from_dict(saved)
-    built = restored_model_config(cfg.model)
-    if (folder / TEXT).exists():  # the checkpoint carries its tokenizer and BERT config
-        built.text.name, built.text.pretrained = str(folder / TEXT), False
-    model = LADS(built)
+    model = LADS(restored_model_config(cfg.model, folder))
     load_weights(folder, model)
     return model.to(device or "cpu").eval(), cfg

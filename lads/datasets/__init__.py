@@ -1,10 +1,13 @@
-"""Datasets: readers (REFER, TransVG split files, JSONL), the synthetic benchmark, transforms.
+"""Datasets: readers (REFER, TransVG split files, Flickr30k Entities, Visual Genome, JSONL), the
+synthetic benchmark, record tables and mixtures for pre-training, transforms.
 
 ``load_records(path, split)`` reads any supported dataset into a list of ``Record`` and a
 ``Counter`` of the records it skipped, by reason. The format is found from the path:
 
 - a folder with ``refs(<splitBy>).p`` and ``instances.json`` (or the pickle itself): REFER;
 - a ``<ds>_<split>.pth`` file, or a folder ``<ds>/`` holding such files: TransVG / ReSC;
+- a folder with ``Annotations/`` and ``Sentences/``: Flickr30k Entities;
+- a folder with ``region_descriptions.json``: Visual Genome;
 - a ``.jsonl`` file: our JSONL format (``docs/data.md``).
 """
 
@@ -15,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from lads.datasets import jsonl, refer, transvg
+from lads.datasets import flickr30k, jsonl, refer, transvg, visual_genome
 from lads.datasets.records import Collector, Record
 from lads.errors import LadsError
 
@@ -55,18 +58,24 @@ def _detect(path: Path, split_by):
         return refer.read, path, {"split_by": split_by}
     elif any(path.glob(f"{path.name}_*.pth")):
         return transvg.read, path, {}
+    elif flickr30k.is_flickr30k(path):
+        return flickr30k.read, path, {}
+    elif visual_genome.is_visual_genome(path):
+        return visual_genome.read, path, {}
     raise LadsError(
         f"{path}: no dataset found; expected a folder with refs(<splitBy>).p and "
         "instances.json (REFER), a <ds>_<split>.pth file or a <ds>/ folder of them (TransVG), "
-        "or a .jsonl file"
+        "a folder with Annotations/ and Sentences/ (Flickr30k Entities), a folder with "
+        "region_descriptions.json (Visual Genome), or a .jsonl file"
     )
 
 
-def read_dataset(path, splits=None, *, image_root=None, split_by=None, strict=False) -> Contents:
-    """Every record of ``splits`` (None: all) at ``path``; see ``load_records``."""
+def read_dataset(path, splits=None, *, image_root=None, split_by=None, strict=False, sink=None) -> Contents:
+    """Every record of ``splits`` (None: all) at ``path``; see ``load_records``. ``sink``
+    receives the records instead of a list (e.g. a ``TableBuilder``)."""
     path = Path(path)
     reader, where, kwargs = _detect(path, split_by)
-    collector = Collector(None if splits is None else set(splits), strict)
+    collector = Collector(None if splits is None else set(splits), strict, sink)
     found = reader(where, collector, image_root=image_root, **kwargs)
     missing = [s for s in (splits or []) if s not in found]
     if missing:
@@ -86,7 +95,8 @@ def load_records(path, split, *, image_root=None, split_by=None, strict=False):
     ``skipped`` counts the records left out, by reason (empty expression, bad box, ...);
     ``strict=True`` raises ``LadsError`` on the first one instead. ``image_root`` is where
     image paths are resolved (default: ``images/`` in the dataset folder for REFER and
-    TransVG, the file's folder for JSONL); ``split_by`` picks a REFER ``refs(<splitBy>).p``
+    TransVG, ``flickr30k-images/`` for Flickr30k Entities, the folder itself for Visual Genome,
+    the file's folder for JSONL); ``split_by`` picks a REFER ``refs(<splitBy>).p``
     (default: unc, then umd, berkeley, google). An unknown split raises ``LadsError``
     naming the splits the data has.
     """

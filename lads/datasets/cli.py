@@ -1,4 +1,4 @@
-"""``lads data synth`` and ``lads data stats``."""
+"""``lads data synth``, ``lads data stats`` and ``lads data index``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import importlib
 SUBCOMMANDS = {
     "synth": ("lads.datasets.synth", "generate the synthetic REC benchmark (REFER format)"),
     "stats": ("lads.datasets.stats", "per-split statistics of one or more datasets"),
+    "index": ("lads.datasets.index", "build the record tables of a config's mixture (once, before training)"),
 }
 
 

@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 
 from lads.datasets.images import open_rgb
 from lads.datasets.records import Record, RecordError, fit_box, short_reason
+from lads.datasets.table import Records
 from lads.datasets.transforms import Augment, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -26,9 +27,9 @@ class RecDataset(Dataset):
     finds them all up front.
     """
 
-    def __init__(self, records: list[Record], tokenizer, image_size: int, max_tokens: int = 40,
+    def __init__(self, records: list[Record] | Records, tokenizer, image_size: int, max_tokens: int = 40,
                  train: bool = False, augment: Augment | None = None):
-        self.records = list(records)
+        self.records = records if isinstance(records, Records) else list(records)  # a table stays one
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.max_tokens = max_tokens

@@ -10,12 +10,14 @@ is skipped and counted under its reason, or raises ``RecordError`` in strict mod
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass
 
 from lads.errors import LadsError
 
 BOX_SLACK = 2.0  # pixels a box may extend past the image border before it counts as outside
+COCO_FILE = re.compile(r"COCO_(?:train|val)2014_0*(\d+)\.jpg$")
 
 Box = tuple[float, float, float, float]
 
@@ -35,6 +37,13 @@ class Record:
     sent_id: int | None = None
     expr_type: str | None = None
     source: str = ""  # where it came from, for messages: "refs(unc).p ref 3 sentence 7"
+    coco_id: int | None = None  # the COCO image it shows, if any: what leak-free mixtures compare
+
+
+def coco_id_of(image: str) -> int | None:
+    """The COCO id of an image named like COCO's own files (``COCO_train2014_<12 digits>.jpg``)."""
+    m = COCO_FILE.search(image)
+    return int(m.group(1)) if m else None
 
 
 class RecordError(LadsError):
@@ -78,21 +87,25 @@ class Collector:
     """Gathers the good records of the wanted splits; counts or raises on the bad ones.
 
     ``skipped`` counts ``(split, reason)``; split is None where a line had no readable split.
-    ``examples`` keeps the first record skipped for each reason, for messages.
+    ``examples`` keeps the first record skipped for each reason, for messages. ``sink`` receives
+    the good records (anything with ``append`` and ``len``; default: a list), e.g. a
+    ``TableBuilder`` that stores millions of them compactly.
     """
 
-    def __init__(self, splits: set[str] | None = None, strict: bool = False):
+    def __init__(self, splits: set[str] | None = None, strict: bool = False, sink=None):
         self.splits = splits
         self.strict = strict
-        self.records: list[Record] = []
+        self.records = [] if sink is None else sink
         self.skipped: Counter = Counter()
         self.examples: dict[str, str] = {}
 
     def wants(self, split: str) -> bool:
         return self.splits is None or split in self.splits
 
-    def skip(self, split: str | None, where: str, reason: str) -> None:
-        if self.strict:
+    def skip(self, split: str | None, where: str, reason: str, error: bool = True) -> None:
+        """Count a record left out; ``error=False``: left out by the format's design (a phrase
+        with no box), which strict mode counts too rather than raising."""
+        if self.strict and error:
             raise RecordError(where, reason)
         key = short_reason(reason)
         self.skipped[(split, key)] += 1
@@ -108,4 +121,6 @@ class Collector:
             record.box = fit_box(parse_box(record.box, box_format), size)
         except ValueError as e:
             return self.skip(record.split, record.source, str(e))
+        if record.coco_id is None:
+            record.coco_id = coco_id_of(record.image)
         self.records.append(record)

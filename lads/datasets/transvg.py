@@ -1,9 +1,11 @@
 """TransVG / ReSC split files: ``<ds>/<ds>_<split>.pth`` for ds in unc, unc+, gref, gref_umd,
-referit.
+referit, flickr.
 
-Each file is a list of tuples ``(img_file, mask_file_or_seg_id, bbox, phrase, ...)``. The
-COCO-derived sets give ``bbox`` as ``[x, y, w, h]``, ReferIt as ``[x1, y1, x2, y2]``. The files
-carry no image sizes and no ids, so boxes are checked against the image when it is opened.
+Each file is a list of tuples ``(img_file, mask_file_or_seg_id, bbox, phrase, ...)``; the
+Flickr30k Entities files (``flickr_train.pth``, ``flickr_val.pth``, ``flickr_test.pth``, part of
+TransVG's pre-training data) hold ``(img_file, bbox, phrase)``. The COCO-derived sets give
+``bbox`` as ``[x, y, w, h]``, ReferIt and Flickr as ``[x1, y1, x2, y2]``. The files carry no
+image sizes and no ids, so boxes are checked against the image when it is opened.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from pathlib import Path
 from lads.datasets.records import Collector, Record
 from lads.errors import LadsError
 
-BOX_FORMATS = {"unc": "xywh", "unc+": "xywh", "gref": "xywh", "gref_umd": "xywh", "referit": "xyxy"}
+BOX_FORMATS = {"unc": "xywh", "unc+": "xywh", "gref": "xywh", "gref_umd": "xywh", "referit": "xyxy",
+               "flickr": "xyxy"}
+FIELDS = {"flickr": ("img_file", "bbox", "phrase")}
+DEFAULT_FIELDS = ("img_file", "mask", "bbox", "phrase")  # then more, unused
 
 
 def dataset_name(path: Path) -> str:
@@ -53,15 +58,18 @@ def read(path: Path, collector: Collector, *, image_root=None) -> set[str]:
     files = split_files(path)
     folder = path.parent if path.is_file() else path
     image_root = Path(image_root) if image_root is not None else folder / "images"
+    fields = FIELDS.get(ds, DEFAULT_FIELDS)
+    expected = f"expected ({', '.join(fields)}{'' if ds in FIELDS else ', ...'})"
     for split, file in files.items():
         if not collector.wants(split):
             continue
         for i, item in enumerate(_load(file)):
             where = f"{file} item {i}"
-            if not isinstance(item, (list, tuple)) or len(item) < 4:
-                collector.skip(split, where, "expected (img_file, mask, bbox, phrase, ...)")
+            if not isinstance(item, (list, tuple)) or len(item) < len(fields):
+                collector.skip(split, where, expected)
                 continue
-            img_file, _, bbox, phrase = item[:4]
+            values = dict(zip(fields, item))
+            img_file, bbox, phrase = values["img_file"], values["bbox"], values["phrase"]
             record = Record(
                 image=str(image_root / str(img_file)),
                 expression=phrase.decode("utf-8") if isinstance(phrase, bytes) else phrase,

@@ -109,9 +109,9 @@ def test_transvg_xywh_and_referit_xyxy(tmp_path):
 
 
 def test_transvg_refuses_unsafe_or_unknown(tmp_path):
-    write_transvg(tmp_path / "flickr", "flickr", "test", [("a.jpg", [1, 2, 3, 4], "x")])
-    with pytest.raises(LadsError, match="unknown TransVG dataset 'flickr'"):
-        load_records(tmp_path / "flickr", "test")
+    write_transvg(tmp_path / "copsref", "copsref", "test", [("a.jpg", [1, 2, 3, 4], "x")])
+    with pytest.raises(LadsError, match="unknown TransVG dataset 'copsref'"):
+        load_records(tmp_path / "copsref", "test")
     bad = tmp_path / "unc" / "unc_val.pth"
     bad.parent.mkdir()
     torch.save([("a.jpg", None, [1, 2, 3, 4], "x", Fraction(1, 2))], bad)  # a class inside
