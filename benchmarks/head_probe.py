@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lads.cli import add_config_arguments, config_overrides
+from lads.commands import add_config_arguments, config_overrides
 from lads.config import load_config
 from lads.datasets.dataset import collate
 from lads.engine import load_split

@@ -1,6 +1,5 @@
-"""The ``lads`` command. Each subcommand lives in its own module, imported only when used.
-
-A subcommand module provides ``add_arguments(parser)`` and ``run(args) -> int | None``.
+"""The ``lads`` command. Each subcommand lives in its own module of ``lads.commands``,
+imported only when used; it provides ``add_arguments(parser)`` and ``run(args) -> int | None``.
 """
 
 from __future__ import annotations
@@ -13,36 +12,18 @@ import warnings
 from lads import __version__
 
 COMMANDS = {
-    "demo": ("lads.demo", "the main job: synthetic benchmark, train LADS and dense, evaluate, predict, report"),
-    "info": ("lads.models.info", "build a model and print its structure and parameter counts"),
-    "data": ("lads.datasets.cli", "generate the synthetic benchmark, inspect datasets"),
-    "pretrain": ("lads.pretrain", "detection pre-training of the visual backbone on a dataset's boxes"),
-    "train": ("lads.train", "train LADS or the dense baseline (one process, or many with torchrun)"),
-    "eval": ("lads.evaluate", "Prec@0.5 per split, time per expression, subnet sizes"),
-    "predict": ("lads.predict", "boxes for your own image and expressions"),
-    "export": ("lads.export", "write one expression's subnet as ONNX or TorchScript for deployment"),
-    "bench": ("lads.bench", "time and count FLOPs of dense, masked and extracted subnets"),
-    "analyze": ("lads.analyze", "see the subnets over a split: selection rates, t-SNE, drawings, word clouds"),
-    "serve": ("lads.serve", "a web page to try a model, and an HTTP API to call it"),
+    "demo": ("lads.commands.demo", "the main job: synthetic benchmark, train LADS and dense, evaluate, predict, report"),
+    "info": ("lads.commands.info", "build a model and print its structure and parameter counts"),
+    "data": ("lads.commands.data", "generate the synthetic benchmark, inspect datasets"),
+    "pretrain": ("lads.commands.pretrain", "detection pre-training of the visual backbone on a dataset's boxes"),
+    "train": ("lads.commands.train", "train LADS or the dense baseline (one process, or many with torchrun)"),
+    "eval": ("lads.commands.evaluate", "Prec@0.5 per split, time per expression, subnet sizes"),
+    "predict": ("lads.commands.predict", "boxes for your own image and expressions"),
+    "export": ("lads.commands.export", "write one expression's subnet as ONNX or TorchScript for deployment"),
+    "bench": ("lads.commands.bench", "time and count FLOPs of dense, masked and extracted subnets"),
+    "analyze": ("lads.commands.analyze", "see the subnets over a split: selection rates, t-SNE, drawings, word clouds"),
+    "serve": ("lads.commands.serve", "a web page to try a model, and an HTTP API to call it"),
 }
-
-
-def add_config_arguments(parser, out_key: str | None) -> None:
-    """``--config``, ``--set``, ``--data`` and, given ``out_key``, ``--out``: the options of the
-    commands that run a config (``train``, ``pretrain``, ``benchmarks/head_probe.py``); ``--out``
-    sets ``out_key``."""
-    parser.add_argument("--config", default="tiny", help="preset name or JSON config file (default: tiny)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. train.epochs=10 (repeatable)")
-    parser.add_argument("--data", help="shortcut for --set data.path=PATH")
-    if out_key:
-        parser.add_argument("--out", help=f"shortcut for --set {out_key}=DIR")
-
-
-def config_overrides(args, out_key: str | None) -> list[str]:
-    """The ``--set`` values, then ``--data`` and (given ``out_key``) ``--out`` as overrides."""
-    return [*args.overrides, *([f"data.path={args.data}"] if args.data else []),
-            *([f"{out_key}={args.out}"] if out_key and args.out else [])]
 
 
 def main(argv: list[str] | None = None) -> int:

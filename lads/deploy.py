@@ -23,6 +23,7 @@ A gate pattern file is JSON: ``{"expression": "…" (optional, a note), "layer":
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
 from pathlib import Path
@@ -187,10 +188,8 @@ def pattern_path(path) -> Path:
 def _export_onnx(module: ExportedSubnet, example, path: Path):
     """The TorchScript-based exporter (``dynamo=False``): no ``onnxscript`` needed, and the
     batch and text length stay dynamic (docs/design.md §3a)."""
-    try:
-        import onnx  # noqa: F401  (torch.onnx serialises with it)
-    except ImportError:
-        raise LadsError(f"ONNX export needs the onnx package: {PIP}") from None
+    if importlib.util.find_spec("onnx") is None:  # torch.onnx serialises with it
+        raise LadsError(f"ONNX export needs the onnx package: {PIP}")
     batch, text = {0: "batch"}, {0: "batch", 1: "text_length"}
     axes = {"images": batch, "pixel_mask": batch, "input_ids": text, "attention_mask": text,
             **{name: batch for name in module.output_names}}

@@ -10,7 +10,6 @@ augmentation of a sample is seeded by (seed, epoch, index).
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import random
@@ -28,8 +27,8 @@ from lads.config import Config, config_from_dict, to_dict
 from lads.errors import LadsError
 from lads.util import dist
 from lads.util.amp import autocast, check_amp, grad_scaler
-from lads.util.checkpoint import (TEXT, load_training_state, load_weights, read_meta, resolve_checkpoint,
-                                  save_checkpoint)
+from lads.util.checkpoint import (init_weights, load_training_state, load_weights, read_meta,
+                                  restored_model_config, save_checkpoint)
 
 
 def mix_seed(*parts: int) -> int:
@@ -511,41 +510,3 @@ def _kept(model, gates, j, text_len: int) -> dict:
     kept = model.layout.summary(gates, j)
     flops = model.subnet_flops(gates, j, text_len)
     return {"layers": kept["visual_layers"] + kept["fusion_sublayers"], "filters": kept["filters"], "flops": flops}
-
-
-def init_weights(model, checkpoint) -> None:
-    """``model.init``: the weights of another run, without its optimizer state. The architecture
-    must match; a dense checkpoint may start a LADS model, whose gating network is then new."""
-    folder, saved, _ = read_meta(checkpoint)
-    from_dense = saved["model"].get("dense") and model.gating is not None
-    try:
-        load_weights(folder, model, new="gating." if from_dense else None)
-    except LadsError as e:
-        raise LadsError(f"model.init={checkpoint}: {e}. The model section of this config must match the "
-                        f"checkpoint's ({folder / 'config.json'}); only a dense checkpoint may start a LADS "
-                        "model, whose gating network is then new") from None
-    if dist.is_main():
-        print(f"model.init: weights from {folder}" + (" (dense; a new gating network)" if from_dense else ""))
-
-
-def restored_model_config(model_cfg, checkpoint=None):
-    """``model_cfg`` for a model whose weights come from ``checkpoint``: no starting weights to
-    read (``model.visual.pretrained`` and ``model.init`` stay in the saved config as the run's
-    origin), and the text backbone's tokenizer and BERT config from the checkpoint's ``text/``
-    folder where it has one: the vocabulary its weights were trained with, and no download."""
-    built = copy.deepcopy(model_cfg)
-    built.visual.pretrained = None
-    if checkpoint is not None and (resolve_checkpoint(checkpoint) / TEXT).exists():
-        built.text.name, built.text.pretrained = str(resolve_checkpoint(checkpoint) / TEXT), False
-    return built
-
-
-def load_model(checkpoint, device=None):
-    """(model in eval mode, Config) from a checkpoint folder."""
-    from lads.models import LADS
-
-    folder, saved, _ = read_meta(checkpoint)
-    cfg = config_from_dict(saved)
-    model = LADS(restored_model_config(cfg.model, folder))
-    load_weights(folder, model)
-    return model.to(device or "cpu").eval(), cfg

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from lads.analysis import stats
-from lads.analyze import analyze, choose_examples
+from lads.commands.analyze import analyze, choose_examples
 from lads.cli import main
 from lads.errors import LadsError
 from lads.models.gating import Candidate, GateLayout, Gates

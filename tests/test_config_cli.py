@@ -111,15 +111,32 @@ def test_every_option_of_every_command_has_a_help_text():
     import importlib
 
     from lads.cli import COMMANDS
-    from lads.datasets.cli import SUBCOMMANDS
 
-    modules = {name: module for name, (module, _) in COMMANDS.items() if name != "data"}
-    modules.update({f"data {name}": module for name, (module, _) in SUBCOMMANDS.items()})
-    for name, module in modules.items():
+    def silent(parser, name):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sub, p in a.choices.items():
+                    yield from silent(p, f"{name} {sub}")
+            elif not a.help:
+                yield name, a.option_strings or a.dest
+
+    for name, (module, _) in COMMANDS.items():
         parser = argparse.ArgumentParser()
         importlib.import_module(module).add_arguments(parser)
-        silent = [a.option_strings or a.dest for a in parser._actions if not a.help]
-        assert not silent, f"lads {name}: no help text for {silent}"
+        missing = list(silent(parser, name))
+        assert not missing, f"no help text for {missing}"
+
+
+def test_the_library_never_imports_a_command():
+    """Models, datasets, engine, inference, analysis and util stand below the commands."""
+    import re
+
+    root = Path(__file__).parents[1] / "lads"
+    for path in root.rglob("*.py"):
+        if path.parent.name == "commands" or path.name == "cli.py":
+            continue
+        found = re.findall(r"^\s*(?:from|import) lads\.(?:commands|cli)\b.*$", path.read_text(), re.M)
+        assert not found, f"{path.relative_to(root.parent)}: {found}"
 
 
 def test_errors_name_the_whole_command(tmp_path):

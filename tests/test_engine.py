@@ -108,7 +108,8 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path, tiny_text_dir, synt
 
 def test_training_loss_falls_and_precision_rises(trained, tiny_text_dir, synth_data):
     """The loss falls markedly and Prec@0.5 on the training images rises far above chance."""
-    from lads.engine import evaluate, load_model, load_split
+    from lads.engine import evaluate, load_split
+    from lads.util.checkpoint import load_model
     from lads.models import LADS
     from lads.models.text import load_tokenizer
 
@@ -133,7 +134,7 @@ def test_checkpoint_round_trip_and_damage(trained, tmp_path, synth_data):
     import shutil
 
     from lads.datasets import load_records
-    from lads.engine import load_model
+    from lads.util.checkpoint import load_model
     from lads.models import LADS
     from lads.util.checkpoint import load_weights, read_meta
 

@@ -42,7 +42,7 @@ def checkpoint(tmp_path_factory, tiny_text_dir):
 
 @pytest.fixture(scope="module")
 def model(checkpoint):
-    from lads.engine import load_model
+    from lads.util.checkpoint import load_model
 
     return load_model(checkpoint)[0]
 
@@ -108,8 +108,9 @@ def test_onnx_graph_holds_only_the_subnet(model, tmp_path, pattern):
     gates = PATTERNS[pattern](model.layout)
     module = deploy.export_subnet(model, tmp_path / "subnet.onnx", gates=gates)
     graph = onnx.load(str(tmp_path / "subnet.onnx")).graph
-    convs = [m for m in module.subnet.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert sum(node.op_type == "Conv" for node in graph.node) == len(convs)
+    subnet = module.subnet
+    convs = 1 + sum(len(b.branch or ()) + (b.downsample is not None) for b in subnet.blocks) + 1  # stem, visual_proj
+    assert sum(node.op_type == "Conv" for node in graph.node) == convs
     assert sum(node.op_type == "BatchNormalization" for node in graph.node) == 0
     assert [i.name for i in graph.input] == list(deploy.INPUTS)
 

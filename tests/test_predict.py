@@ -107,7 +107,7 @@ def test_predict_command_writes_json_and_a_picture(trained, photos, tmp_path):
 def test_drawing_shows_the_true_box_dashed_and_keeps_labels_apart(photos, tmp_path):
     from PIL import ImageDraw
 
-    from lads.predict import COLOURS, _free_spot, draw
+    from lads.analysis.draw import COLOURS, _free_spot, draw
 
     folder, (width, height), _ = photos
     box, truth = [10.0, 10.0, 40.0, 30.0], [12.0, 40.0, 42.0, 60.0]

@@ -15,7 +15,7 @@ from lads.errors import LadsError
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from lads.serve import create_app, load_service  # noqa: E402
+from lads.commands.serve import create_app, load_service  # noqa: E402
 
 
 @pytest.fixture(scope="module")

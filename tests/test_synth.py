@@ -290,13 +290,15 @@ def test_bad_arguments_name_the_argument(tmp_path, arguments, named):
 
 
 def test_existing_dataset_needs_force_and_command_line_writes(tmp_path, capsys):
+    from lads.commands import data as data_command
+
     parser = argparse.ArgumentParser()
-    synth.add_arguments(parser)
-    args = parser.parse_args(["--out", str(tmp_path / "d"), "--seed", "1", "--images", "3"])
-    assert synth.run(args) == 0
+    data_command.add_arguments(parser)
+    args = parser.parse_args(["synth", "--out", str(tmp_path / "d"), "--seed", "1", "--images", "3"])
+    data_command.run(args)
     assert len(list((tmp_path / "d" / "images").iterdir())) == 3  # round(0.1 * 3) = 0 heldout
     with pytest.raises(LadsError, match="--out .*--force"):
-        synth.run(args)
-    args = parser.parse_args(["--out", str(tmp_path / "d"), "--images", "1", "--force"])
-    assert synth.run(args) == 0
+        data_command.run(args)
+    args = parser.parse_args(["synth", "--out", str(tmp_path / "d"), "--images", "1", "--force"])
+    data_command.run(args)
     assert len(list((tmp_path / "d" / "images").iterdir())) == 1

@@ -511,21 +511,3 @@ class _Records:
 
 
 # ----------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--images", type=int, default=1000, help="train/val/test images (default 1000)")
-    parser.add_argument("--size", type=int, default=128, help="nominal long side in pixels (default 128)")
-    parser.add_argument(
-        "--heldout-fraction", type=float, default=0.1,
-        help="extra heldout images, as a fraction of --images (default 0.1)",
-    )
-    parser.add_argument("--force", action="store_true", help="overwrite a dataset already in --out")
-
-
-def run(args) -> int:
-    out = generate(args.out, args.seed, args.images, args.size, args.heldout_fraction, args.force)
-    print(f"wrote the synthetic benchmark to {out}")
-    return 0

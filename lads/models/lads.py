@@ -186,7 +186,7 @@ class LADS(nn.Module):
     @classmethod
     def from_pretrained(cls, path, device=None) -> "LADS":
         """A trained model from a checkpoint folder (``lads train`` writes them), in eval mode."""
-        from lads.engine import load_model
+        from lads.util.checkpoint import load_model
 
         return load_model(path, device)[0]
 

@@ -7,6 +7,7 @@ complete before it replaces the old one, so a killed run never leaves a half che
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from lads.errors import LadsError
+from lads.util import dist
 
 WEIGHTS, CONFIG, META, STATE = "model.safetensors", "config.json", "meta.json", "training_state.pt"
 TEXT = "text"  # tokenizer and BERT config of the text backbone
@@ -103,3 +105,45 @@ def load_training_state(path: Path) -> dict:
     if not f.exists():
         raise LadsError(f"checkpoint {path} holds no training state ({STATE}); cannot resume")
     return torch.load(f, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------- loading models
+
+
+def init_weights(model, checkpoint) -> None:
+    """``model.init``: the weights of another run, without its optimizer state. The architecture
+    must match; a dense checkpoint may start a LADS model, whose gating network is then new."""
+    folder, saved, _ = read_meta(checkpoint)
+    from_dense = saved["model"].get("dense") and model.gating is not None
+    try:
+        load_weights(folder, model, new="gating." if from_dense else None)
+    except LadsError as e:
+        raise LadsError(f"model.init={checkpoint}: {e}. The model section of this config must match the "
+                        f"checkpoint's ({folder / 'config.json'}); only a dense checkpoint may start a LADS "
+                        "model, whose gating network is then new") from None
+    if dist.is_main():
+        print(f"model.init: weights from {folder}" + (" (dense; a new gating network)" if from_dense else ""))
+
+
+def restored_model_config(model_cfg, checkpoint=None):
+    """``model_cfg`` for a model whose weights come from ``checkpoint``: no starting weights to
+    read (``model.visual.pretrained`` and ``model.init`` stay in the saved config as the run's
+    origin), and the text backbone's tokenizer and BERT config from the checkpoint's ``text/``
+    folder where it has one: the vocabulary its weights were trained with, and no download."""
+    built = copy.deepcopy(model_cfg)
+    built.visual.pretrained = None
+    if checkpoint is not None and (resolve_checkpoint(checkpoint) / TEXT).exists():
+        built.text.name, built.text.pretrained = str(resolve_checkpoint(checkpoint) / TEXT), False
+    return built
+
+
+def load_model(checkpoint, device=None):
+    """(model in eval mode, Config) from a checkpoint folder."""
+    from lads.config import config_from_dict
+    from lads.models import LADS
+
+    folder, saved, _ = read_meta(checkpoint)
+    cfg = config_from_dict(saved)
+    model = LADS(restored_model_config(cfg.model, folder))
+    load_weights(folder, model)
+    return model.to(device or "cpu").eval(), cfg

@@ -7,7 +7,8 @@ import argparse
 import pytest
 import torch
 
-from lads.datasets import load_records, stats
+from lads.commands import data as data_command
+from lads.datasets import load_records
 from lads.datasets.dataset import RecDataset, collate
 from lads.datasets.records import Record
 from lads.datasets.transforms import Augment, box_to_original
@@ -53,10 +54,10 @@ def test_train_items_flip_text_with_image(refer_dir, tokenizer):
 
 def test_stats_table(refer_dir, tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    stats.add_arguments(parser)
+    data_command.add_arguments(parser)
     jsonl = tmp_path / "mine.jsonl"
     jsonl.write_text('{"image": "a.jpg", "expression": "a b c", "box": [0, 0, 2, 2]}\nnot json\n')
-    stats.run(parser.parse_args([str(refer_dir), str(jsonl)]))
+    data_command.run(parser.parse_args(["stats", str(refer_dir), str(jsonl)]))
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["dataset", "split", "images", "objects", "expressions", "mean",
                               "words", "max", "words", "skipped", "missing", "images"]
@@ -74,14 +75,14 @@ def test_stats_table(refer_dir, tmp_path, capsys):
 
 def test_stats_checks_the_image_root(refer_dir, tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    stats.add_arguments(parser)
+    data_command.add_arguments(parser)
     with pytest.raises(LadsError, match="--image-root .*nowhere: no such folder"):
-        stats.run(parser.parse_args([str(refer_dir), "--image-root", str(tmp_path / "nowhere")]))
+        data_command.run(parser.parse_args(["stats", str(refer_dir), "--image-root", str(tmp_path / "nowhere")]))
     empty = tmp_path / "empty"
     empty.mkdir()
-    stats.run(parser.parse_args([str(refer_dir), "--image-root", str(empty), "--split", "train"]))
+    data_command.run(parser.parse_args(["stats", str(refer_dir), "--image-root", str(empty), "--split", "train"]))
     out = capsys.readouterr().out
     assert out.splitlines()[1].split()[-1] == "1" and "1 image file(s) missing" in out
-    stats.run(parser.parse_args([str(refer_dir), "--image-root", str(empty), "--split", "train", "--no-image-check"]))
+    data_command.run(parser.parse_args(["stats", str(refer_dir), "--image-root", str(empty), "--split", "train", "--no-image-check"]))
     out = capsys.readouterr().out
     assert out.splitlines()[1].split()[-1] == "-" and "missing (first" not in out

@@ -1,30 +1,14 @@
-"""``lads predict``: a box per expression on your own image, with the subnet that found it."""
+"""Pictures of predictions: each expression's box drawn and labelled on its image (``lads
+predict --out``, the demo, the report), beside the ground truth where it is known."""
 
 from __future__ import annotations
 
-import json
-import sys
 import textwrap
 from pathlib import Path
 
 from lads.datasets.images import open_rgb, to_rgb
-from lads.errors import LadsError
 
 COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
-
-
-def add_arguments(parser):
-    parser.add_argument("--checkpoint", required=True, metavar="DIR",
-                        help="a trained model's checkpoint folder (e.g. runs/demo/lads/checkpoint)")
-    parser.add_argument("--image", required=True, metavar="FILE", help="the image (any format Pillow reads)")
-    parser.add_argument("--expr", action="append", required=True, metavar="TEXT",
-                        help="a referring expression (repeat for several)")
-    parser.add_argument("--out", metavar="FILE.png", help="draw the boxes on the image and save it here")
-    parser.add_argument("--mode", choices=["subnet", "masked", "dense"], default="subnet",
-                        help="subnet: each expression's extracted subnet (default); masked: the supernet with "
-                             "its gates multiplied in; dense: every gate open")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
-                        help="fp32 (default), or bf16/fp16 autocast (boxes and gates stay fp32)")
 
 
 def draw(image, predictions: list[dict], path, truths: list | None = None) -> Path:
@@ -92,20 +76,3 @@ def _dashed_rectangle(canvas, box, colour: str, width: int, dash: int = 6):
             end = min(start + dash, length)
             canvas.line([(a + (c - a) * start / length, b + (d - b) * start / length),
                          (a + (c - a) * end / length, b + (d - b) * end / length)], fill=colour, width=width)
-
-
-def run(args):
-    from lads.engine import load_model
-    from lads.inference import predict
-    from lads.util.amp import DTYPES
-
-    model, _ = load_model(args.checkpoint)
-    if not Path(args.image).exists():
-        raise LadsError(f"--image {args.image}: no such file")
-    predictions = predict(model, args.image, args.expr, mode=args.mode, amp=DTYPES[args.dtype])
-    json.dump(predictions, sys.stdout, indent=2)
-    print()
-    for i, p in enumerate(predictions, 1):
-        print(f"{i}: {textwrap.shorten(p['expression'], 60)!r}: {p['summary']}", file=sys.stderr)
-    if args.out:
-        print(f"drawn: {draw(args.image, predictions, args.out)}", file=sys.stderr)

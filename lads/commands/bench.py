@@ -28,9 +28,9 @@ from lads.util.amp import DTYPES, amp_dtype, autocast
 
 
 def add_arguments(parser):
-    parser.add_argument("--config", default="lads-r50", help="preset name or JSON file (default: lads-r50)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value")
+    from lads.commands import add_config_arguments
+
+    add_config_arguments(parser, default="lads-r50", data=False)
     parser.add_argument("--checkpoint", metavar="DIR", help="a trained model: DIR/config.json + DIR/model.safetensors")
     parser.add_argument("--random-text", action="store_true",
                         help="random text weights with --expr too (no download); with --keep they are "
@@ -63,11 +63,13 @@ def add_arguments(parser):
 def build(args):
     from lads.models import build_model
 
-    overrides = list(args.overrides)
+    from lads.commands import config_overrides
+
+    overrides = config_overrides(args)
     if args.random_text or not args.expr:  # random gates: the text weights do not change the timing
         overrides.append("model.text.pretrained=false")
     if args.checkpoint:
-        from lads.engine import load_model
+        from lads.util.checkpoint import load_model
 
         model = load_model(args.checkpoint)[0]
     else:

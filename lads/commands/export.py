@@ -26,7 +26,7 @@ def add_arguments(parser):
 
 def run(args):
     from lads import deploy
-    from lads.engine import load_model
+    from lads.util.checkpoint import load_model
 
     if args.gates and not Path(args.gates).is_file():
         raise LadsError(f"--gates {args.gates}: no such file")

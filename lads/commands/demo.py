@@ -20,18 +20,18 @@ STEPS = 9
 
 
 def add_arguments(parser):
+    from lads.commands import add_config_arguments
+
+    add_config_arguments(parser, data=False)
     parser.add_argument("--out", default="runs/demo", help="where everything goes (default: runs/demo)")
-    parser.add_argument("--config", default="tiny", help="preset or JSON config (default: tiny)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. demo.minutes=3 or demo.images=1000")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic benchmark (default: 0)")
 
 
 def run(args):
     from lads.config import load_config
     from lads.datasets import synth
-    from lads.evaluate import evaluate_checkpoints, markdown_table
-    from lads.pretrain import WEIGHTS, pretrain
+    from lads.commands.evaluate import evaluate_checkpoints, markdown_table
+    from lads.commands.pretrain import WEIGHTS, pretrain
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,7 +106,7 @@ def _predict_examples(checkpoint, data: Path, out: Path, images: int = 4) -> lis
 
     from lads.datasets import load_records
     from lads.models import LADS
-    from lads.predict import draw
+    from lads.analysis.draw import draw
 
     model = LADS.from_pretrained(checkpoint)
     records, _ = load_records(data, "test")
@@ -123,7 +123,7 @@ def _predict_examples(checkpoint, data: Path, out: Path, images: int = 4) -> lis
 
 
 def _analyze(checkpoint, data: Path, out: Path) -> dict:
-    from lads.analyze import analyze
+    from lads.commands.analyze import analyze
     from lads.datasets import load_records
     from lads.models import LADS
 

@@ -238,13 +238,13 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
 
 
 def add_arguments(parser):
-    from lads.cli import add_config_arguments
+    from lads.commands import add_config_arguments
 
     add_config_arguments(parser, "pretrain.out")
 
 
 def run(args):
-    from lads.cli import config_overrides
+    from lads.commands import config_overrides
     from lads.config import load_config
 
     pretrain(load_config(args.config, config_overrides(args, "pretrain.out")))

@@ -16,7 +16,7 @@ from pathlib import Path
 from lads.errors import LadsError
 
 DEMO_CHECKPOINT = Path("runs/demo/lads/checkpoint")
-PAGE = Path(__file__).parent / "static" / "serve.html"
+PAGE = Path(__file__).parents[1] / "static" / "serve.html"
 
 
 def add_arguments(parser):
@@ -233,7 +233,7 @@ def load_service(checkpoint, overrides: list[str]) -> Service:
     """The model of ``checkpoint`` with its settings (the checkpoint's config, ``serve.*``
     overrides on top) and up to 8 example images from its dataset's test split, if present."""
     from lads.config import apply_overrides, config_from_dict, to_dict
-    from lads.engine import load_model
+    from lads.util.checkpoint import load_model
 
     for item in overrides:
         if not item.startswith("serve."):

@@ -25,7 +25,8 @@ def evaluate_checkpoints(checkpoints, data=None, splits=None, mode="subnet", bat
     fp32, or bf16/fp16 autocast."""
     import torch
 
-    from lads.engine import evaluate, load_model, load_split
+    from lads.engine import evaluate, load_split
+    from lads.util.checkpoint import load_model
     from lads.models.text import load_tokenizer
     from lads.util import dist
     from lads.util.amp import DTYPES

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 
 def add_arguments(parser):
-    parser.add_argument("--config", default="tiny", help="preset name or JSON file (default: tiny)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. model.fusion.num_layers=4")
+    from lads.commands import add_config_arguments
+
+    add_config_arguments(parser, data=False)
     parser.add_argument("--structure", action="store_true", help="also print the module tree")
 
 
 def run(args):
     from lads.models import build_model
 
-    model = build_model(args.config, args.overrides)
+    from lads.commands import config_overrides
+
+    model = build_model(args.config, config_overrides(args))
     if args.structure:
         print(model)
     layout = model.layout
