@@ -33,7 +33,7 @@ from lads.datasets.dataset import collate
 from lads.engine import load_split
 from lads.models import LADS
 from lads.models.backbone import downsample_mask
-from lads.models.fusion import sine_position_embedding
+from lads.models.fusion import input_sequence, sine_position_embedding
 from lads.models.losses import centre_cell, giou_loss, l1_loss
 from lads.models.text import load_tokenizer
 from lads.util.box_ops import box_iou, cxcywh_to_xyxy
@@ -73,7 +73,7 @@ class Probe(torch.nn.Module):
         if self.kind == "box":
             return self.head(self.fusion(visual, visual_mask, text, text_mask)[0][:, 0])
         if self.kind == "oracle":
-            x, _, _ = self.fusion.tokens(visual, visual_mask, text, text_mask)
+            x, _, _ = input_sequence(self.fusion, visual, visual_mask, text, text_mask)
             cell = text.shape[1] + centre_cell(box, (h, w))
             return self.head(self.fusion.norm(x[torch.arange(len(x)), cell]))
         sentence = (text * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True)

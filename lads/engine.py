@@ -15,6 +15,7 @@ import math
 import random
 import signal
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -304,7 +305,9 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
             scaler.update()
             if _time_to_drop(t, time.time() - start, device) and step + 1 < schedule["drop"]:
                 schedule["drop"] = step + 1  # the learning rates of the next step on are × 0.1
-            scheduler.step()
+            with warnings.catch_warnings():  # the schedule counts steps, skipped (fp16) or not
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             samples_since += t.batch_size

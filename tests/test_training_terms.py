@@ -112,6 +112,26 @@ def test_unknown_amp_is_refused(tmp_path, tiny_text_dir, synth_data):
         train(cfg)
 
 
+def test_fp16_trains_with_loss_scaling_and_resumes_it(tmp_path, tiny_text_dir, synth_data):
+    """``train.amp=fp16`` (autocast, CPU here) scales the loss: the losses are finite, the weights
+    move, and the scaler's state is in the checkpoint and restored on resume."""
+    from lads.engine import train
+    from lads.util.checkpoint import load_training_state
+
+    common = engine_overrides(tiny_text_dir, synth_data, tmp_path / "fp16") + [
+        "train.batch_size=4", "train.micro_batch=4", "train.amp=fp16", "model.text.frozen=true"]
+    first = train(load_config("tiny", common + ["train.epochs=1"]))
+    state = load_training_state(first)
+    assert state["scaler"]["scale"] > 0 and state["scaler"]["_growth_tracker"] >= 0
+    steps = [json.loads(line) for line in (tmp_path / "fp16" / "log.jsonl").read_text().splitlines()]
+    assert steps and all(math.isfinite(r["loss"]) for r in steps if "loss" in r)
+    before = load_file(str(first / "model.safetensors"))
+    second = train(load_config("tiny", common + ["train.epochs=2"]), resume=str(first))
+    after = load_file(str(second / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert load_training_state(second)["scaler"]["scale"] > 0
+
+
 @pytest.mark.slow
 def test_eval_during_training_counts_every_val_expression_and_keeps_the_trajectory(tmp_path, tiny_text_dir,
                                                                                      synth_data):
