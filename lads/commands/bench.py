@@ -5,7 +5,8 @@ Forward only, what the gates affect: visual backbone + fusion + head, ``model.gr
 dense (all gates open) and masked, ``Subnet.forward`` for the subnet. End to end, what a user
 pays per expression: text backbone + gating network + extraction + subnet for a gate pattern
 never seen (the backbone plan, made once per set of weights, is warm; the subnet cache is not),
-the same with the subnet cached, and text backbone + dense network. Medians from
+the same with the subnet cached, and text backbone + dense network; the text backbone always
+runs (a frozen one's feature cache is emptied: the expression is new). Medians from
 ``torch.utils.benchmark.Timer.blocked_autorange`` (it synchronises CUDA), after warm-up, under
 ``torch.inference_mode`` and, for ``--dtype bf16/fp16``, autocast (the dtype the commands
 use); every measurement of a pattern is timed in alternating rounds and each speedup is over
@@ -160,6 +161,7 @@ def measure(args, model) -> dict:
         size = image.shape[-1]
 
         def text_cost():
+            model.text_backbone.cache.clear()  # a frozen text backbone's cache: every expression is new
             t, m = model.encode_text(input_ids, attention_mask)
             if model.gating is not None:
                 model.gates(t, m)
@@ -188,6 +190,7 @@ def measure(args, model) -> dict:
                 (subnet if cached else extract_subnet(model, gates, plan=plan))(image, pixel_mask, t, m)
 
             def dense_end_to_end():
+                model.text_backbone.cache.clear()
                 model.ground(image, pixel_mask, *model.encode_text(input_ids, attention_mask), None)
 
             t = timed(
