@@ -155,16 +155,18 @@ class SubnetRunner:
         self.fold_bn = fold_bn
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.cache: OrderedDict[bytes, Subnet] = OrderedDict()
+        self._cached_bytes = 0  # kept as subnets come and go: a miss does not sum the whole cache
         self._plan, self._version = None, None
         self._tensors = subnet_tensors(model)
 
     @property
     def cached_bytes(self) -> int:
         """Bytes of the tensors the cached subnets made (the rest is the supernet's)."""
-        return sum(s.new_bytes for s in self.cache.values())
+        return self._cached_bytes
 
     def clear(self):
         self.cache.clear()
+        self._cached_bytes = 0
         self._plan = None
 
     def plan(self) -> BackbonePlan:
@@ -185,9 +187,9 @@ class SubnetRunner:
         subnet = extract_subnet(self.model, gates, plan=plan)
         if subnet.new_bytes <= self.cache_bytes:
             self.cache[key] = subnet
-            total = self.cached_bytes
-            while total > self.cache_bytes:
-                total -= self.cache.popitem(last=False)[1].new_bytes
+            self._cached_bytes += subnet.new_bytes
+            while self._cached_bytes > self.cache_bytes:
+                self._cached_bytes -= self.cache.popitem(last=False)[1].new_bytes
         return subnet, False
 
     @torch.inference_mode()

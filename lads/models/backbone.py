@@ -20,6 +20,12 @@ from lads.errors import LadsError
 STAGE_BLOCKS = (3, 4, 6, 3)  # ResNet-50
 
 
+def norm_scale_shift(mean, var, weight, bias, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode batch norm as ``x · scale + shift`` (per channel)."""
+    scale = weight * (var + eps).rsqrt()
+    return scale, bias - mean * scale
+
+
 class FrozenBatchNorm2d(nn.Module):
     """Batch norm with fixed statistics and affine parameters (DETR's convention)."""
 
@@ -36,8 +42,7 @@ class FrozenBatchNorm2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        return scale, self.bias - self.running_mean * scale
+        return norm_scale_shift(self.running_mean, self.running_var, self.weight, self.bias, self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale, shift = self.scale_shift()

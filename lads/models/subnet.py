@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lads.errors import LadsError
-from lads.models.backbone import downsample_mask
+from lads.models.backbone import downsample_mask, norm_scale_shift
 from lads.models.fusion import FUSION_SUBLAYERS, attn_block, ffn_block, input_sequence
 from lads.models.gating import Gates
 from lads.models.lads import check_gates, read_boxes
@@ -59,9 +59,7 @@ class ConvNorm:
 
     def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eval-mode batch norm as ``x · scale + shift`` (per channel)."""
-        mean, var, weight, bias, eps = self.norm
-        scale = weight * (var + eps).rsqrt()
-        return scale, bias - mean * scale
+        return norm_scale_shift(*self.norm)
 
     def folded(self, memory_format=torch.contiguous_format, dtype=None) -> "ConvNorm":
         """One convolution: ``W · scale`` and bias ``shift`` (+ ``scale · b`` for a conv bias),
