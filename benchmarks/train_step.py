@@ -2,8 +2,9 @@
 
 Times forward + backward + AdamW on a batch of synthetic-benchmark samples (already loaded:
 data loading is not timed) for the earlier ``tiny`` settings, then with each speed lever added in
-turn; prints ms per step and samples per second (median and quartiles of ``--steps`` steps after 2
-warm-up steps) and, with ``--profile``, the top operators of the last configuration.
+turn, and last all of them in float32 (``train.amp=auto`` on a CPU without native bf16); prints ms
+per step and samples per second (median and quartiles of ``--steps`` steps after 2 warm-up steps)
+and, with ``--profile``, the top operators of the last configuration.
 
     python benchmarks/train_step.py --data runs/demo/data --out benchmarks/train-step
 """
@@ -23,7 +24,8 @@ from lads.datasets.dataset import collate
 from lads.engine import build_optimizer, load_split
 from lads.models import LADS
 from lads.models.text import load_tokenizer
-from lads.util.amp import autocast
+from lads.util.amp import autocast, native_bf16
+from lads.util.dist import device_name
 
 EARLIER = ["train.amp=none", "train.channels_last=false", "model.text.frozen=false", "model.fusion.dropout=0.1"]
 LEVERS = [
@@ -32,6 +34,7 @@ LEVERS = [
     ("+ channels_last", ["train.channels_last=true"]),
     ("+ no dropout", ["model.fusion.dropout=0"]),
     ("+ frozen, cached text backbone", ["model.text.frozen=true"]),
+    ("the same in float32 (what train.amp=auto picks without native bf16)", ["train.amp=none"]),
 ]
 
 
@@ -99,7 +102,9 @@ def main():
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        lines = [f"`python benchmarks/train_step.py --data {args.data} --out {args.out}`: CPU, "
+        cpu = torch.device("cpu")
+        lines = [f"`python benchmarks/train_step.py --data {args.data} --out {args.out}`: {device_name(cpu)} "
+                 f"({'with' if native_bf16(cpu) else 'without'} native bf16), "
                  f"{torch.get_num_threads()} threads, torch {torch.__version__}, batch {args.batch}, "
                  f"median of {args.steps} steps (quartiles beside it; data loading not timed; the text cache warm, as "
                  "from the second epoch on).", "",

@@ -148,7 +148,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     clip_grad: float = 0.1  # max gradient norm; 0 disables
-    amp: str = "none"  # "bf16" or "fp16": autocast (CPU or CUDA; fp16 with loss scaling); "none": float32
+    amp: str = "none"  # "bf16"/"fp16" autocast (CPU or CUDA; fp16 scales the loss), "none", or "auto" (bf16 if native)
     channels_last: bool = True  # the visual backbone in NHWC (faster convolutions, same values)
     seed: int = 0
     max_minutes: Optional[float] = None  # stop (with a checkpoint) after this wall time

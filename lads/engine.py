@@ -27,7 +27,7 @@ from lads import __version__
 from lads.config import Config, config_from_dict, to_dict
 from lads.errors import LadsError
 from lads.util import dist
-from lads.util.amp import autocast, check_amp, grad_scaler
+from lads.util.amp import autocast, grad_scaler, resolve_amp
 from lads.util.checkpoint import (init_weights, load_training_state, load_weights, read_meta,
                                   restored_model_config, save_checkpoint)
 
@@ -206,7 +206,9 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
             f"= {world} × {t.micro_batch}"
         )
     accumulation = t.batch_size // (world * t.micro_batch)
-    check_amp(t.amp)
+    amp = resolve_amp(t.amp, device)
+    if t.amp == "auto" and dist.is_main():
+        print(f"train.amp=auto: {amp} on {device.type} ({'native' if amp == 'bf16' else 'no native'} bf16)")
     torch.manual_seed(t.seed)
     built = cfg.model
     if model is None:
@@ -226,7 +228,7 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
         raise LadsError(f"{cfg.data.path}: {len(dataset)} training expressions, fewer than one global batch ({t.batch_size})")
     total_steps = t.epochs * steps_per_epoch
     optimizer = build_optimizer(model, t)
-    scaler = grad_scaler(device, t.amp)
+    scaler = grad_scaler(device, amp)
     warmup, schedule = round(t.warmup_epochs * steps_per_epoch), {"drop": t.lr_drop_epoch * steps_per_epoch}
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, schedule["drop"]))
     eval_steps = max(1, round(t.eval_every * steps_per_epoch)) if val is not None else 0
@@ -248,7 +250,7 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
         """Prec@0.5 on the first eval split, logged; its time is not training time."""
         nonlocal start, last_log
         began, split = time.time(), cfg.data.eval_splits[0]
-        result = evaluate(model, val, 64, "dense" if model.gating is None else "masked", progress=False, amp=t.amp)
+        result = evaluate(model, val, 64, "dense" if model.gating is None else "masked", progress=False, amp=amp)
         model.train()
         record = {"step": step, "epoch": round(step / steps_per_epoch, 3), "train_s": round(began - start, 1),
                   f"{split}/prec@0.5": result["prec@0.5"], f"{split}/expressions": result["expressions"]}
@@ -266,7 +268,7 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
                 out / "checkpoint", model, to_dict(cfg),
                 {"step": step, "epoch": step / steps_per_epoch, "total_steps": total_steps,
                  "reason": reason, "lads_version": __version__, "torch_version": torch.__version__,
-                 "world_size": world, "train_s": round(time.time() - start, 1)},
+                 "world_size": world, "amp": amp, "train_s": round(time.time() - start, 1)},
                 {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                  "rng": torch.get_rng_state(), "train_s": time.time() - start, "lr_drop_step": schedule["drop"],
                  "scaler": scaler.state_dict()},
@@ -287,7 +289,7 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
                 batch = to_device(next(batches), device)
                 torch.manual_seed(mix_seed(t.seed, step, rank * accumulation + a))
                 sync = nullcontext() if (world == 1 or a == accumulation - 1) else ddp.no_sync()
-                with sync, autocast(device, t.amp):
+                with sync, autocast(device, amp):
                     outputs = ddp(batch["image"], batch["pixel_mask"], batch["input_ids"], batch["attention_mask"])
                     terms = model.loss(outputs, batch["box"])
                     scaler.scale(terms["loss"] / accumulation).backward()

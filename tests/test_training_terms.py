@@ -112,6 +112,21 @@ def test_unknown_amp_is_refused(tmp_path, tiny_text_dir, synth_data):
         train(cfg)
 
 
+def test_auto_amp_takes_bf16_only_where_the_cpu_has_it(monkeypatch):
+    """``train.amp=auto``: bf16 on a CPU with AVX512-BF16 or AMX, float32 on one without; the
+    other values pass through and an unknown one is refused, naming the key."""
+    from lads.util.amp import resolve_amp
+
+    cpu = torch.device("cpu")
+    for bf16, amx, expected in [(False, False, "none"), (True, False, "bf16"), (False, True, "bf16")]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert resolve_amp("auto", cpu) == expected
+    assert [resolve_amp(a, cpu) for a in ("none", "bf16", "fp16")] == ["none", "bf16", "fp16"]
+    with pytest.raises(LadsError, match="train.amp must be one of none, bf16, fp16 or auto"):
+        resolve_amp("fp8", cpu)
+
+
 def test_fp16_trains_with_loss_scaling_and_resumes_it(tmp_path, tiny_text_dir, synth_data):
     """``train.amp=fp16`` (autocast, CPU here) scales the loss: the losses are finite, the weights
     move, and the scaler's state is in the checkpoint and restored on resume."""
@@ -204,3 +219,4 @@ def test_flops_term_by_hand(make_tiny):
         model.config.loss.flops, model.config.loss.flops_target = w, goal
         got = model.loss(out, target)["loss"].item()
         assert got == pytest.approx(base + w * max(0.0, fraction - goal), rel=1e-6)
+

@@ -142,18 +142,20 @@ def _stages(out: Path) -> list[dict]:
     from their checkpoints, with the rate expected on 2 CPU cores."""
     pre = json.loads((out / "pretrain" / "meta.json").read_text())
     rows = [_stage_row("pretrain", "pre-training of the visual backbone", pre["steps"], pre.get("batch_size", 32),
-                       60 * pre["minutes"], EXPECTED_RATE["pretrain"])]
+                       60 * pre["minutes"], EXPECTED_RATE["pretrain"], pre.get("amp"))]
     for name, what in RUNS.items():
         meta = json.loads((out / name / "checkpoint" / "meta.json").read_text())
         batch = json.loads((out / name / "checkpoint" / "config.json").read_text())["train"]["batch_size"]
-        rows.append(_stage_row(name, what, meta["step"], batch, meta.get("train_s", 0.0), EXPECTED_RATE["train"]))
+        rows.append(_stage_row(name, what, meta["step"], batch, meta.get("train_s", 0.0), EXPECTED_RATE["train"],
+                               meta.get("amp")))
     return rows
 
 
-def _stage_row(run: str, what: str, steps: int, batch: int, seconds: float, expected: float) -> dict:
+def _stage_row(run: str, what: str, steps: int, batch: int, seconds: float, expected: float, amp) -> dict:
     seconds = max(seconds, 1e-9)
     return {"run": run, "what": what, "steps": steps, "samples": steps * batch, "minutes": seconds / 60,
-            "samples_per_s": steps * batch / seconds, "expected": expected}
+            "samples_per_s": steps * batch / seconds, "expected": expected,
+            "precision": {"none": "float32", None: "?"}.get(amp, amp)}
 
 
 def _curves(out: Path) -> Path:
@@ -167,10 +169,12 @@ def _curves(out: Path) -> Path:
 
 
 def _report(out: Path, table: str, rows, pictures, analysis, curves: Path, stages, seconds) -> Path:
+    from lads.util.dist import device_name, local_device
+
     lines = [
         "# lads demo: the synthetic REC benchmark",
         "",
-        f"Everything here took {seconds / 60:.1f} minutes.",
+        f"Everything here took {seconds / 60:.1f} minutes on {device_name(local_device())}.",
         "",
         "## Prec@0.5",
         "",
@@ -180,10 +184,10 @@ def _report(out: Path, table: str, rows, pictures, analysis, curves: Path, stage
         "",
         "## Training",
         "",
-        "| stage | steps | samples | minutes | samples/s |",
-        "|---|---|---|---|---|",
-        *(f"| {s['what']} | {s['steps']:,} | {s['samples']:,} | {s['minutes']:.1f} | {s['samples_per_s']:.0f} |"
-          for s in stages),
+        "| stage | steps | samples | minutes | samples/s | precision |",
+        "|---|---|---|---|---|---|",
+        *(f"| {s['what']} | {s['steps']:,} | {s['samples']:,} | {s['minutes']:.1f} | {s['samples_per_s']:.0f} "
+          f"| {s['precision']} |" for s in stages),
         "",
         *(f"- **warning**: {s['what']} ran at {s['samples_per_s']:.0f} samples/s, far below the "
           f"~{s['expected']:.0f} expected on 2 CPU cores: a busy machine, so fewer steps and lower figures."

@@ -34,7 +34,7 @@ from lads.datasets.images import open_rgb
 from lads.datasets.transforms import eval_transform
 from lads.errors import LadsError
 from lads.models.backbone import VisualBackbone
-from lads.util.amp import autocast, check_amp, grad_scaler
+from lads.util.amp import autocast, grad_scaler, resolve_amp
 from lads.util.dist import local_device
 
 WEIGHTS, META = "visual.safetensors", "meta.json"
@@ -177,16 +177,16 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
         raise LadsError(f"{cfg.data.path}: {len(dataset)} training images, fewer than pretrain.batch_size {p.batch_size}")
     backbone = VisualBackbone(v.width, "batch", v.dilation, frozen_stages=0)
     head = CentreHead(backbone.num_channels, dataset.num_classes)
-    check_amp(cfg.train.amp)
     if cfg.train.channels_last:
         backbone.to(memory_format=torch.channels_last)
         head.to(memory_format=torch.channels_last)
     device = local_device()
+    amp = resolve_amp(cfg.train.amp, device)
     backbone.to(device)
     head.to(device)
     params = [*backbone.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
-    scaler = grad_scaler(device, cfg.train.amp)
+    scaler = grad_scaler(device, amp)
     loader = DataLoader(dataset, p.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
                         num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(p.seed))
     out.mkdir(parents=True, exist_ok=True)
@@ -201,7 +201,7 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
     backbone.train()
     while not done():
         for images, objects in loader:
-            with autocast(device, cfg.train.amp):
+            with autocast(device, amp):
                 features = backbone(images.to(device))
                 prediction = head(features)
             targets = [t.to(device) for t in centre_targets(objects, features.shape[-1], len(dataset.heads))]
@@ -229,7 +229,7 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
     os.replace(tmp, weights)
     meta = {"steps": step, "batch_size": cfg.pretrain.batch_size, "minutes": round((time.time() - start) / 60, 2),
             "data": str(cfg.data.path),
-            "images": len(dataset), "width": v.width, "dilation": v.dilation, "image_size": cfg.model.image_size,
+            "images": len(dataset), "amp": amp, "width": v.width, "dilation": v.dilation, "image_size": cfg.model.image_size,
             "heads": dataset.heads, "last": record}
     (out / META).write_text(json.dumps(meta, indent=2))
     print(f"pre-trained visual backbone: {weights} ({step} steps); use it with "
