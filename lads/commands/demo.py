@@ -190,7 +190,7 @@ def _report(out: Path, table: str, rows, pictures, analysis, curves: Path, stage
           f"| {s['precision']} |" for s in stages),
         "",
         *(f"- **warning**: {s['what']} ran at {s['samples_per_s']:.0f} samples/s, far below the "
-          f"~{s['expected']:.0f} expected on 2 CPU cores: a busy machine, so fewer steps and lower figures."
+          f"~{s['expected']:.0f} expected on 2 CPU cores: a slower or busy machine, so fewer steps and lower figures."
           for s in stages if s["samples_per_s"] < s["expected"] / 2),
         "",
         f"![learning curves]({curves.relative_to(out)})",
