@@ -219,4 +219,3 @@ def test_flops_term_by_hand(make_tiny):
         model.config.loss.flops, model.config.loss.flops_target = w, goal
         got = model.loss(out, target)["loss"].item()
         assert got == pytest.approx(base + w * max(0.0, fraction - goal), rel=1e-6)
-

@@ -37,12 +37,12 @@ def native_bf16(device: torch.device) -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
-def resolve_amp(amp: str, device: torch.device, what: str = "train.amp") -> str:
-    """``amp`` itself, or for ``auto`` what this device does fast: ``bf16`` or ``none``."""
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``train.amp`` itself, or for ``auto`` what this device does fast: ``bf16`` or ``none``."""
     if amp == "auto":
         return "bf16" if native_bf16(device) else "none"
     if amp not in AMP:
-        raise LadsError(f"{what} must be one of {', '.join(AMP)} or auto, got {amp!r}")
+        raise LadsError(f"train.amp must be one of {', '.join(AMP)} or auto, got {amp!r}")
     return amp
 
 
