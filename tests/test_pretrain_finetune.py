@@ -75,6 +75,30 @@ def test_init_loads_weights_and_the_checkpoint_text_folder(dense_run, tmp_path, 
     assert json.loads((finetuned / "config.json").read_text())["model"]["init"] == str(checkpoint)
 
 
+def test_init_from_batch_norm_into_frozen_batch_norm(dense_run):
+    """A checkpoint trained with batch norm starts a model with frozen batch norm (the paper
+    presets' kind): its statistics and affine parameters load, its step counters are dropped, and
+    in eval mode both models give the same boxes."""
+    checkpoint, dense_cfg = dense_run
+    cfg = copy.deepcopy(dense_cfg)
+    assert cfg.model.visual.norm == "batch"
+    cfg.model.visual.norm, cfg.model.visual.frozen_stages, cfg.model.init = "frozen", 1, str(checkpoint)
+    from lads.models import LADS
+
+    frozen = LADS(restored_model_config(cfg.model, cfg.model.init))
+    init_weights(frozen, cfg.model.init)
+    batch = LADS.from_pretrained(checkpoint)
+    assert not any(k.endswith("num_batches_tracked") for k in frozen.state_dict())
+    images = torch.randn(2, 3, cfg.model.image_size, cfg.model.image_size, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(2, cfg.model.image_size, cfg.model.image_size, dtype=torch.bool)
+    mask[1, :, cfg.model.image_size // 2:] = True
+    ids = torch.tensor([[101, 1996, 2417, 2611, 102], [101, 1037, 2417, 102, 0]])
+    with torch.no_grad():
+        got = frozen.eval()(images, mask, ids, (ids > 0).long())
+        want = batch.eval()(images, mask, ids, (ids > 0).long())
+    torch.testing.assert_close(got["boxes"], want["boxes"], rtol=1e-5, atol=1e-5)
+
+
 def test_init_with_another_architecture_says_what_differs(dense_run, tmp_path):
     checkpoint, dense_cfg = dense_run
     cfg = copy.deepcopy(dense_cfg)

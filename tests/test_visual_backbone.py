@@ -98,6 +98,33 @@ def test_loaded_backbone_equals_plain_resnet50(tmp_path, width, norm, dilation, 
     torch.testing.assert_close(got / scale, want / scale, rtol=1e-4, atol=1e-5)
 
 
+def test_folded_frozen_norm_trains_like_conv_then_norm(tmp_path):
+    """Frozen batch norm is folded into the convolutions in training too: in float64, the same C5
+    and the same gradient for the input and for every convolution weight as the reference's
+    convolution followed by batch norm."""
+    state = {k: v.double() if v.is_floating_point() else v for k, v in torchvision_state_dict(16).items()}
+    path = tmp_path / "resnet50.pth"
+    torch.save(state, path)
+    backbone = VisualBackbone(16, "frozen", dilation=True, frozen_stages=0).double()
+    load_visual_weights(backbone, str(path))
+    backbone.train()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x_ref = x.clone().requires_grad_(True)
+    x.requires_grad_(True)
+    weights = {k: v.requires_grad_(True) for k, v in state.items() if k.endswith("weight") and v.dim() == 4}
+    upstream = torch.randn(2, 512, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    got = backbone(x)
+    want = reference_resnet50(state, x_ref, dilate_layer4=True)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    (got * upstream).sum().backward()
+    (want * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-12)
+    params = dict(backbone.named_parameters())
+    assert set(params) == set(weights)  # the convolutions train; frozen batch norm has no parameters
+    for name, w in weights.items():
+        torch.testing.assert_close(params[name].grad, w.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
 def test_detr_checkpoint_loads(tmp_path):
     """``{"model": {"backbone.0.body.<key>": ...}}`` (plus DETR's other weights) loads the body."""
     state = torchvision_state_dict(16, seed=2)

@@ -49,6 +49,17 @@ class FrozenBatchNorm2d(nn.Module):
         return x * scale[None, :, None, None] + shift[None, :, None, None]
 
 
+def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(conv(x))``; a frozen norm is folded into the convolution (weight · scale, bias shift),
+    so that it costs no pass over the activations, forward or backward, while the convolution's
+    weight still trains."""
+    if not isinstance(norm, FrozenBatchNorm2d):
+        return norm(conv(x))
+    scale, shift = norm.scale_shift()
+    weight = conv.weight * scale[:, None, None, None].to(conv.weight.dtype)
+    return F.conv2d(x, weight, shift.to(weight.dtype), conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
 def make_norm(kind: str):
     if kind == "frozen":
         return FrozenBatchNorm2d
@@ -80,12 +91,12 @@ class Bottleneck(nn.Module):
         return self.downsample is None
 
     def forward(self, x, gate_layer=None, gate_filter=None):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        identity = x if self.downsample is None else conv_norm(*self.downsample, x)
+        out = self.relu(conv_norm(self.conv1, self.bn1, x))
+        out = self.relu(conv_norm(self.conv2, self.bn2, out))
         if gate_filter is not None:  # Eq. 7
             out = out * gate_filter[:, :, None, None].to(out.dtype)
-        out = self.bn3(self.conv3(out))
+        out = conv_norm(self.conv3, self.bn3, out)
         if gate_layer is not None:  # Eq. 6
             out = out * gate_layer[:, None, None, None].to(out.dtype)
         return self.relu(out + identity)
@@ -142,7 +153,7 @@ class VisualBackbone(nn.Module):
 
     def forward(self, x, layer_gates=None, filter_gates=None):
         """``layer_gates``/``filter_gates``: lists of 16 per-block gates (None = open)."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu(conv_norm(self.conv1, self.bn1, x)))
         for i, (_, block) in enumerate(self.blocks()):
             x = block(
                 x,

@@ -79,7 +79,9 @@ def read_meta(path) -> tuple[Path, dict, dict]:
 
 def load_weights(path: Path, model, new: str | None = None) -> None:
     """Load ``model.safetensors`` into ``model`` strictly, naming the keys that differ; only
-    the keys under the prefix ``new`` (a module the checkpoint did not have) may be missing."""
+    the keys under the prefix ``new`` (a module the checkpoint did not have) may be missing.
+    Batch norm's step counters (``num_batches_tracked``) that the model has no place for are
+    dropped: a checkpoint trained with batch norm starts a model with frozen batch norm."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -88,6 +90,7 @@ def load_weights(path: Path, model, new: str | None = None) -> None:
     except (SafetensorError, OSError) as e:
         raise LadsError(f"{path / WEIGHTS}: cannot read the weights ({e})") from None
     own = model.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not k.endswith(".num_batches_tracked")}
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if new:
         missing = [k for k in missing if not k.startswith(new)]
