@@ -86,17 +86,19 @@ def main():
                "speedup": results[False]["ms_per_step"] / results[True]["ms_per_step"]}
         rows.append(row)
         print(f"width {width}: batch norm after the convolution {results[False]['ms_per_step']:.0f} ms, folded "
-              f"{results[True]['ms_per_step']:.0f} ms per step ({row['speedup']:.2f}x); outputs differ by {diff:.1e} of their largest value")
+              f"{results[True]['ms_per_step']:.0f} ms per step ({row['speedup']:.2f}x); outputs differ by {diff:.1e} "
+              "of their largest value")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         cpu = torch.device("cpu")
         lines = [f"`python benchmarks/frozen_norm.py --out {args.out}`: {device_name(cpu)}, {torch.get_num_threads()} "
                  f"threads, torch {torch.__version__}, float32, channels_last, batch {args.batch} of "
-                 f"{args.size}x{args.size}, stem and layer1 frozen ({args.frozen_stages}), forward + backward + AdamW, "
-                 f"median of {args.rounds} rounds of {args.steps} steps, the two ways alternating (quartiles beside it); "
-                 "output difference relative to the largest output, before the first step.", "",
-                 "| width | batch norm after the convolution (ms) | folded (ms) | speed-up | largest output difference |",
+                 f"{args.size}x{args.size}, stem and layer1 frozen ({args.frozen_stages}), forward + backward + "
+                 f"AdamW, median of {args.rounds} rounds of {args.steps} steps, the two ways alternating (quartiles "
+                 "beside it); output difference relative to the largest output, before the first step.", "",
+                 "| width | batch norm after the convolution (ms) | folded (ms) | speed-up "
+                 "| largest output difference |",
                  "|---|---|---|---|---|"]
         lines += [f"| {r['width']} | {r['unfolded']['ms_per_step']:.0f} ({r['unfolded']['ms_quartiles'][0]:.0f}-"
                   f"{r['unfolded']['ms_quartiles'][1]:.0f}) | {r['folded']['ms_per_step']:.0f} "
