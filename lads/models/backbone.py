@@ -49,15 +49,20 @@ class FrozenBatchNorm2d(nn.Module):
         return x * scale[None, :, None, None] + shift[None, :, None, None]
 
 
+def fold_norm(weight, bias, scale, shift) -> tuple[torch.Tensor, torch.Tensor]:
+    """A convolution then ``x · scale + shift`` as one convolution: weight ``W · scale``, bias
+    ``shift`` (+ ``scale · b`` for a convolution bias ``b``)."""
+    return weight * scale[:, None, None, None], shift if bias is None else shift + scale * bias
+
+
 def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``norm(conv(x))``; a frozen norm is folded into the convolution (weight · scale, bias shift),
-    so that it costs no pass over the activations, forward or backward, while the convolution's
+    """``norm(conv(x))``; a frozen norm is folded into the convolution (:func:`fold_norm`), so
+    that it costs no pass over the activations, forward or backward, while the convolution's
     weight still trains."""
     if not isinstance(norm, FrozenBatchNorm2d):
         return norm(conv(x))
-    scale, shift = norm.scale_shift()
-    weight = conv.weight * scale[:, None, None, None].to(conv.weight.dtype)
-    return F.conv2d(x, weight, shift.to(weight.dtype), conv.stride, conv.padding, conv.dilation, conv.groups)
+    weight, bias = fold_norm(conv.weight, conv.bias, *norm.scale_shift())
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def make_norm(kind: str):

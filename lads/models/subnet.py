@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lads.errors import LadsError
-from lads.models.backbone import downsample_mask, norm_scale_shift
+from lads.models.backbone import downsample_mask, fold_norm, norm_scale_shift
 from lads.models.fusion import FUSION_SUBLAYERS, attn_block, ffn_block, input_sequence
 from lads.models.gating import Gates
 from lads.models.lads import check_gates, read_boxes
@@ -66,9 +66,9 @@ class ConvNorm:
         computed in the weights' dtype and stored in ``dtype`` (that of autocast, if any)."""
         if self.norm is None:
             return self
-        scale, shift = self.scale_shift()
-        bias = (shift if self.bias is None else shift + scale * self.bias).to(dtype)
-        weight = (self.weight * scale[:, None, None, None]).to(dtype).contiguous(memory_format=memory_format)
+        weight, bias = fold_norm(self.weight, self.bias, *self.scale_shift())
+        bias = bias.to(dtype)
+        weight = weight.to(dtype).contiguous(memory_format=memory_format)
         return ConvNorm(weight, bias, None, self.stride, self.padding, self.dilation,
                         weight.nbytes + bias.nbytes)
 
