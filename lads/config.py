@@ -126,6 +126,7 @@ class DataConfig:
     eval_splits: list[str] = field(default_factory=lambda: ["val"])
     augment: bool = True
     crop: float = 0.5  # probability of the random crop that keeps the box (0: none; see docs/design.md)
+    hue: float = 0.0  # probability of a random hue rotation where the expression names no colour (design §5a)
     num_workers: int = 2
     strict: bool = False  # bad records are errors rather than skipped and counted
     mixture: list[MixtureSource] = field(default_factory=list)  # training sources, sampled by weight

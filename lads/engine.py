@@ -126,7 +126,7 @@ def load_split(cfg: Config, split: str, train: bool, tokenizer):
             raise LadsError(f"{cfg.data.path}: split {split!r} holds no usable expression")
     return RecDataset(
         records, tokenizer, cfg.model.image_size, cfg.model.text.max_tokens,
-        train=train and cfg.data.augment, augment=Augment(crop=cfg.data.crop),
+        train=train and cfg.data.augment, augment=Augment(crop=cfg.data.crop, hue=cfg.data.hue),
     )
 
 

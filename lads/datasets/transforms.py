@@ -4,7 +4,7 @@ Evaluation: resize the long side to ``image_size``, letterbox-pad (image at the 
 at the bottom and right), ImageNet normalisation. Training adds, in this order, a random crop
 that keeps the referred box whole, a multi-scale resize (the long side drawn from
 ``Augment.scales``), a horizontal flip that swaps ``left``/``right`` as whole words in the
-expression, and colour jitter.
+expression, a hue rotation for expressions that name no colour, and colour jitter.
 
 Boxes are ``(x1, y1, x2, y2)`` pixels on the way in; the output box is ``(cx, cy, w, h)``
 normalised by ``image_size``. ``meta`` records each geometric step so that
@@ -35,6 +35,7 @@ class Augment:
     crop_min: float = 0.6  # smallest crop side, as a fraction of the image side
     flip: float = 0.5  # probability of a horizontal flip
     jitter: float = 0.4  # brightness, contrast, saturation factors in [1 - j, 1 + j]
+    hue: float = 0.0  # probability of a random hue rotation, for expressions naming no colour
 
 
 _LEFT_RIGHT = re.compile(r"\b(left|right)(most)?\b", re.IGNORECASE)
@@ -58,6 +59,26 @@ def hflip(img: Image.Image, box, text: str):
     x1, y1, x2, y2 = box
     flipped = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return flipped, (img.width - x2, y1, img.width - x1, y2), swap_left_right(text)
+
+
+_COLOUR = re.compile(
+    r"\b(red|green|blue|yellow|orange|purple|pink|brown|black|white|gr[ae]y|violet|beige|tan|maroon|"
+    r"navy|teal|turquoise|cyan|magenta|gold|golden|silver|blond|blonde|khaki|olive)(dish|ish)?\b",
+    re.IGNORECASE,
+)
+
+
+def names_colour(text: str) -> bool:
+    """Whether the expression names a colour (a whole word: "red", "reddish"; "bred" does not)."""
+    return _COLOUR.search(text) is not None
+
+
+def rotate_hue(img: Image.Image, turn: float) -> Image.Image:
+    """The image with every pixel's hue turned by ``turn`` of a full circle (HSV, PIL's 8-bit
+    hue), saturation and value kept: shapes keep their outline and contrast, not their colour."""
+    hsv = np.array(img.convert("HSV"))
+    hsv[..., 0] = (hsv[..., 0].astype(np.int16) + round(256 * turn)) % 256
+    return Image.fromarray(hsv, "HSV").convert("RGB")
 
 
 def crop_keeping_box(img: Image.Image, box, min_side: float, rng) -> tuple[int, int, int, int]:
@@ -130,7 +151,10 @@ def eval_transform(img: Image.Image, box, text: str, size: int):
 
 
 def train_transform(img: Image.Image, box, text: str, size: int, augment: Augment, rng=random):
-    """Like ``eval_transform``, with random crop, scale, flip and colour jitter."""
+    """Like ``eval_transform``, with random crop, scale, flip, hue rotation and colour jitter.
+
+    The hue turns only where the expression names no colour, so the label stays true: "the
+    star" in any hue (docs/design.md §5a)."""
     meta = _start_meta(img, size)
     if rng.random() < augment.crop:
         x0, y0, x1, y1 = crop_keeping_box(img, box, augment.crop_min, rng)
@@ -140,6 +164,8 @@ def train_transform(img: Image.Image, box, text: str, size: int, augment: Augmen
     if rng.random() < augment.flip:
         img, box, text = hflip(img, box, text)
         meta["flipped"] = True
+    if augment.hue and not names_colour(text) and rng.random() < augment.hue:
+        img = rotate_hue(img, rng.random())
     if augment.jitter:
         img = color_jitter(img, augment.jitter, rng)
     return _output(img, box, text, meta)
