@@ -52,6 +52,16 @@ def test_train_items_flip_text_with_image(refer_dir, tokenizer):
     assert torch.allclose(box_to_original(item["box"], item["meta"]), torch.tensor([4.0, 6, 24, 16]), atol=1e-3)
 
 
+def test_training_split_takes_the_config_augmentation(refer_dir, tokenizer):
+    from lads.config import load_config
+    from lads.engine import load_split
+
+    cfg = load_config("tiny", [f"data.path={refer_dir}", "data.crop=0.3", "data.hue=0.7"])
+    train, val = load_split(cfg, "train", True, tokenizer), load_split(cfg, "val", False, tokenizer)
+    assert train.train and (train.augment.crop, train.augment.hue) == (0.3, 0.7)
+    assert not val.train
+
+
 def test_stats_table(refer_dir, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     data_command.add_arguments(parser)

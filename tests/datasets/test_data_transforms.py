@@ -1,4 +1,5 @@
-"""Transforms: box-keeping crop, flip round trip, letterbox inverse, whole-word left/right."""
+"""Transforms: box-keeping crop, flip round trip, letterbox inverse, whole-word left/right, hue
+rotation only where no colour is named."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from lads.datasets.transforms import (
     box_to_original,
     eval_transform,
     hflip,
+    names_colour,
+    rotate_hue,
     swap_left_right,
     train_transform,
 )
@@ -113,3 +116,48 @@ def test_padding_is_bottom_right_and_normalised():
 ])
 def test_swap_left_right(text, expected):
     assert swap_left_right(text) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("the red circle", True), ("Reddish one on the left", True), ("the GREY car", True), ("gray shirt", True),
+    ("the star", False), ("the leftmost object", False), ("a bred horse", False), ("credit card", False),
+])
+def test_names_colour(text, expected):
+    assert names_colour(text) is expected
+
+
+def patches() -> Image.Image:
+    """Pure red, green and blue patches on mid gray."""
+    pixels = np.full((8, 24, 3), 128, dtype=np.uint8)
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        pixels[2:6, 8 * i + 2:8 * i + 6] = colour
+    return Image.fromarray(pixels)
+
+
+def test_rotate_hue_turns_colours_keeps_gray_and_value():
+    img = patches()
+    before = np.asarray(img).astype(int)
+    third = np.asarray(rotate_hue(img, 1 / 3)).astype(int)
+    # a third of the circle: red -> green -> blue -> red, each within PIL's 8-bit hue steps
+    for i, channel in enumerate([1, 2, 0]):
+        pixel = third[3, 8 * i + 3]
+        assert pixel[channel] == 255 and np.all(np.delete(pixel, channel) <= 8), pixel
+    assert np.array_equal(third[0], before[0])  # gray has no hue
+    assert np.array_equal(third.max(-1), before.max(-1))  # HSV's value kept
+    assert np.array_equal(np.asarray(rotate_hue(img, 1.0)), np.asarray(rotate_hue(img, 0.0)))
+
+
+def test_train_hue_only_where_no_colour_is_named():
+    img, box = patches(), (2.0, 2.0, 6.0, 6.0)
+    augment = Augment(crop=0.0, flip=0.0, jitter=0.0, hue=1.0)
+
+    def out(text, aug):
+        return train_transform(img, box, text, 24, aug, random.Random(3))
+
+    plain = Augment(crop=0.0, flip=0.0, jitter=0.0)
+    named, named_plain = out("the red square", augment), out("the red square", plain)
+    assert torch.equal(named[0], named_plain[0])  # a colour is named: the image is not turned
+    free, free_plain = out("the square", augment), out("the square", plain)
+    assert torch.equal(free[2], free_plain[2])  # the box is untouched
+    assert not torch.equal(free[0], free_plain[0])  # colour-free: the hue turns
+
