@@ -160,4 +160,3 @@ def test_train_hue_only_where_no_colour_is_named():
     free, free_plain = out("the square", augment), out("the square", plain)
     assert torch.equal(free[2], free_plain[2])  # the box is untouched
     assert not torch.equal(free[0], free_plain[0])  # colour-free: the hue turns
-
