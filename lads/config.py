@@ -140,7 +140,7 @@ class TrainConfig:
 
     epochs: int = 120
     lr_drop_epoch: int = 90  # learning rates × 0.1 from this epoch on
-    lr_drop_fraction: Optional[float] = None  # or, with max_minutes, once this fraction of it has passed
+    lr_drop_fraction: Optional[float] = None  # or at this fraction of max_steps (else of max_minutes)
     batch_size: int = 256  # global batch = processes × micro_batch × accumulation
     micro_batch: int = 32  # per process and forward pass
     lr: float = 1e-4
@@ -152,6 +152,7 @@ class TrainConfig:
     amp: str = "none"  # "bf16"/"fp16" autocast (CPU or CUDA; fp16 scales the loss), "none", or "auto" (bf16 if native)
     channels_last: bool = True  # the visual backbone in NHWC (faster convolutions, same values)
     seed: int = 0
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (if epochs last longer)
     max_minutes: Optional[float] = None  # stop (with a checkpoint) after this wall time
     checkpoint_every: int = 500  # optimizer steps
     log_every: int = 10
@@ -170,6 +171,7 @@ class PretrainConfig:
     batch_size: int = 32
     lr: float = 5e-4
     weight_decay: float = 1e-4
+    hue: float = 0.0  # probability of a random hue rotation of an image (its colour labels then ignored)
     seed: int = 0
     out: str = "runs/pretrain"
 
@@ -177,11 +179,15 @@ class PretrainConfig:
 @dataclass
 class DemoConfig:
     """``lads demo``'s schedule (docs/design.md §5a): synthetic images, then dense training shared
-    by both models, then each model's own training from it (LADS: the gates join)."""
+    by both models, then each model's own training from it (LADS: the gates join). Budgets are
+    steps, so a run's figures do not depend on the machine's speed, unless a stage reaches its cap
+    in minutes first (the pre-training's: ``pretrain.steps``, ``pretrain.max_minutes``)."""
 
     images: int = 4000  # train/val/test images; held-out ones are added
-    shared_minutes: float = 9.0  # stage 1: the dense network, once, for both models
-    minutes: float = 5.0  # stage 2: LADS (gates on) and dense, each from stage 1
+    shared_steps: int = 680  # stage 1: the dense network, once, for both models
+    steps: int = 360  # stage 2: LADS (gates on) and dense, each from stage 1
+    shared_minutes: float = 9.5  # caps on the stages' time: a slower machine stops there, with fewer steps
+    minutes: float = 5.75
     warmup_epochs: float = 0.1  # stage 2 starts from trained weights: a short warm-up
     lr_drop_fraction: float = 0.5  # stage 2: learning rates × 0.1 after this fraction of it
 

@@ -226,10 +226,10 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
     steps_per_epoch = len(dataset) // t.batch_size
     if steps_per_epoch == 0:
         raise LadsError(f"{cfg.data.path}: {len(dataset)} training expressions, fewer than one global batch ({t.batch_size})")
-    total_steps = t.epochs * steps_per_epoch
+    total_steps = t.epochs * steps_per_epoch if t.max_steps is None else min(t.max_steps, t.epochs * steps_per_epoch)
     optimizer = build_optimizer(model, t)
     scaler = grad_scaler(device, amp)
-    warmup, schedule = round(t.warmup_epochs * steps_per_epoch), {"drop": t.lr_drop_epoch * steps_per_epoch}
+    warmup, schedule = round(t.warmup_epochs * steps_per_epoch), {"drop": _drop_step(t, steps_per_epoch)}
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, schedule["drop"]))
     eval_steps = max(1, round(t.eval_every * steps_per_epoch)) if val is not None else 0
     step, trained_s = 0, 0.0
@@ -242,7 +242,7 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     log = MetricLog(out, dist.is_main())
-    bar = _Progress(total_steps, step, t.max_minutes, trained_s, enabled=dist.is_main())
+    bar = _Progress(total_steps, step, None if t.max_steps else t.max_minutes, trained_s, enabled=dist.is_main())
     start, last_log, samples_since = time.time() - trained_s, time.time(), 0
     status = "finished"
 
@@ -346,9 +346,20 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
     return out / "checkpoint"
 
 
+def _drop_step(t, steps_per_epoch: int) -> int:
+    """The first step whose learning rates are × 0.1: ``train.lr_drop_fraction`` of
+    ``train.max_steps`` when both are set, else ``train.lr_drop_epoch`` (which ``_time_to_drop``
+    moves earlier once that fraction of ``train.max_minutes`` has passed)."""
+    if t.lr_drop_fraction is not None and t.max_steps is not None:
+        return round(t.lr_drop_fraction * t.max_steps)
+    return t.lr_drop_epoch * steps_per_epoch
+
+
 def _time_to_drop(t, seconds: float, device) -> bool:
-    """``train.lr_drop_fraction`` of ``train.max_minutes`` has passed (on any rank)."""
-    if t.lr_drop_fraction is None or t.max_minutes is None:
+    """``train.lr_drop_fraction`` of ``train.max_minutes`` has passed (on any rank) in a run
+    without ``train.max_steps``; with it the drop is at a step, so a run does not depend on the
+    machine's speed."""
+    if t.lr_drop_fraction is None or t.max_minutes is None or t.max_steps is not None:
         return False
     return _max_over_ranks(float(seconds >= 60 * t.max_minutes * t.lr_drop_fraction), device) > 0
 
@@ -420,8 +431,8 @@ def _max_over_ranks(value: float, device) -> float:
 
 
 class _Progress:
-    """A progress bar in steps, or in training seconds when the run has a time budget (the
-    step count then stands beside it)."""
+    """A progress bar in steps, or in training seconds when the run has only a time budget
+    (the step count then stands beside it)."""
 
     def __init__(self, total_steps, step, max_minutes, trained_s, enabled):
         from tqdm.auto import tqdm

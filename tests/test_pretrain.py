@@ -43,6 +43,13 @@ def test_centre_loss_is_small_for_the_targets_themselves():
     wrong = perfect.clone()
     wrong[:, 0] = 0.0
     assert centre_loss(wrong, heat, box, classes, [2, 3])["heatmap"] > terms["heatmap"] + 0.1
+    unlabelled = classes.clone()
+    unlabelled[:, 1] = -100  # no label of the second head in the batch (all hues turned): no term, no NaN
+    loose = centre_loss(wrong, heat, box, unlabelled, [2, 3])
+    full = centre_loss(wrong, heat, box, classes, [2, 3])
+    assert "acc_1" not in loose and "acc_0" in loose and torch.isfinite(loose["loss"])
+    expected = full["loss"] - torch.nn.functional.cross_entropy(wrong[:, 7:10], classes[:, 1], ignore_index=-100)
+    torch.testing.assert_close(loose["loss"], expected)
 
 
 def test_object_scenes_reads_every_object_of_the_training_images(synth_data):
@@ -56,6 +63,23 @@ def test_object_scenes_reads_every_object_of_the_training_images(synth_data):
     image, objects = data[0]
     assert image.shape == (3, 64, 64) and objects.shape[1] == 4 + 4
     assert bool(((objects[:, :4] > 0) & (objects[:, :4] <= 1)).all())
+
+
+def test_hue_turned_images_keep_every_target_but_colour(synth_data, tmp_path):
+    """``pretrain.hue``: a turned image differs from the plain one in its colours, not its
+    brightness pattern; its boxes and classes are kept except the colour, which is not a target."""
+    plain, turned = ObjectScenes(synth_data, "train", 64), ObjectScenes(synth_data, "train", 64, hue=1.0)
+    colour = 4 + list(plain.heads).index("colour")
+    for index in range(3):
+        (a, objects_a), (b, objects_b) = plain[index], turned[index]
+        assert not torch.allclose(a, b, atol=0.05)
+        assert torch.corrcoef(torch.stack([a.mean(0).flatten(), b.mean(0).flatten()]))[0, 1] > 0.5
+        assert bool((objects_a[:, colour] >= 0).all()) and bool((objects_b[:, colour] == -100).all())
+        others = [i for i in range(objects_a.shape[1]) if i != colour]
+        torch.testing.assert_close(objects_a[:, others], objects_b[:, others])
+    cfg = load_config("tiny", [f"data.path={synth_data}", "pretrain.hue=1.5", f"pretrain.out={tmp_path}"])
+    with pytest.raises(LadsError, match="pretrain.hue must be a probability from 0 to 1, got 1.5"):
+        pretrain(cfg, progress=False)
 
 
 def test_pretraining_learns_and_its_weights_load(synth_data, tmp_path, tiny_text_dir):

@@ -1,5 +1,5 @@
 """Training beyond the paper (docs/design.md §5a): the token head, the weight-0 guarantee, the
-frozen text cache, bf16 autocast, evaluation during training."""
+frozen text cache, bf16 autocast, evaluation during training, step budgets."""
 
 from __future__ import annotations
 
@@ -177,6 +177,23 @@ def test_eval_during_training_counts_every_val_expression_and_keeps_the_trajecto
     train(cfg)
     steps = [json.loads(line) for line in (tmp_path / "bf16" / "log.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in steps if "loss" in r)
+
+
+def test_max_steps_ends_the_run_and_places_the_lr_drop(tmp_path, tiny_text_dir, synth_data):
+    """``train.max_steps`` ends training after that many steps (epochs and a time budget left)
+    and ``train.lr_drop_fraction`` then drops the learning rates at that fraction of the steps."""
+    from lads.engine import train
+
+    cfg = load_config("tiny", engine_overrides(tiny_text_dir, synth_data, tmp_path) + [
+        "train.epochs=100", "train.batch_size=4", "train.micro_batch=4", "train.max_steps=6",
+        "train.lr_drop_fraction=0.5", "train.max_minutes=60", "model.text.frozen=true"])
+    checkpoint = train(cfg)
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    assert (meta["step"], meta["total_steps"], meta["reason"]) == (6, 6, "finished")
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    # the logged rate is the next step's: steps 0-2 at 1e-3, steps 3-5 at 1e-4
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert [r["lr"] for r in log] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4, 1e-4, 1e-4])
 
 
 def test_expected_flops_of_hard_gates_equal_the_extracted_subnets(make_tiny):

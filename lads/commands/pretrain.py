@@ -11,6 +11,10 @@ the training images (not only the referred ones) is a target of a CenterNet-styl
 - at the centre cell, the classes: the category and every string attribute the annotations
   carry (the synthetic benchmark's colour and size), cross-entropy.
 
+With ``pretrain.hue`` a training image has its hue turned at random (``rotate_hue``) with that
+probability, and its objects' colour is then not a target: shapes are seen in every colour,
+as ``data.hue`` shows them to the REC training (docs/design.md §5a).
+
 Only images with a ref in the training split are used. The backbone trains with batch norm
 (its statistics load into frozen batch norm as well). Writes ``OUT/visual.safetensors`` in
 torchvision's layout, which ``model.visual.pretrained`` loads, and ``OUT/meta.json``.
@@ -31,13 +35,14 @@ from torch.utils.data import DataLoader, Dataset
 from lads.config import Config
 from lads.datasets import refer
 from lads.datasets.images import open_rgb
-from lads.datasets.transforms import eval_transform
+from lads.datasets.transforms import eval_transform, rotate_hue
 from lads.errors import LadsError
 from lads.models.backbone import VisualBackbone
 from lads.util.amp import autocast, grad_scaler, resolve_amp
 from lads.util.dist import local_device
 
 WEIGHTS, META = "visual.safetensors", "meta.json"
+COLOUR_KEYS = ("colour", "color")  # attributes that a hue rotation makes untrue
 
 
 class ObjectScenes(Dataset):
@@ -45,10 +50,11 @@ class ObjectScenes(Dataset):
 
     An item is ``(image, objects)``: the letterboxed image (3, S, S) and a (n, 4 + K) tensor,
     per object its (cx, cy, w, h) normalised to the padded square and its K class indices
-    (category first, then the attributes in ``self.heads`` order; -100 where not annotated).
+    (category first, then the attributes in ``self.heads`` order; -100 where not annotated, and
+    for the colour of an image whose hue was turned, with probability ``hue``).
     """
 
-    def __init__(self, folder, split: str, image_size: int, image_root=None, split_by=None):
+    def __init__(self, folder, split: str, image_size: int, image_root=None, split_by=None, hue: float = 0.0):
         folder = Path(folder)
         if not folder.is_dir() or not refer.split_bys(folder):
             raise LadsError(
@@ -74,6 +80,7 @@ class ObjectScenes(Dataset):
         root = Path(image_root) if image_root else folder / "images"
         self.items = [(root / images[i]["file_name"], by_image[i]) for i in sorted(by_image)]
         self.image_size = image_size
+        self.hue = hue
 
     @property
     def num_classes(self) -> list[int]:
@@ -84,13 +91,18 @@ class ObjectScenes(Dataset):
 
     def __getitem__(self, index: int):
         path, anns = self.items[index]
-        image, _, _, _, meta = eval_transform(open_rgb(str(path)), None, "", self.image_size)
+        img = open_rgb(str(path))
+        turned = self.hue > 0 and torch.rand(()).item() < self.hue
+        if turned:
+            img = rotate_hue(img, torch.rand(()).item())
+        image, _, _, _, meta = eval_transform(img, None, "", self.image_size)
         (sx, sy), s = meta["scale"], self.image_size
         rows = []
         for a in anns:
             x, y, w, h = a["bbox"]
             given = {"category": a["category_id"], **a.get("attributes", {})}
-            classes = [values.index(given[key]) if key in given else -100 for key, values in self.heads.items()]
+            classes = [values.index(given[key]) if key in given and not (turned and key in COLOUR_KEYS) else -100
+                       for key, values in self.heads.items()]
             rows.append([(x + w / 2) * sx / s, (y + h / 2) * sy / s, w * sx / s, h * sy / s, *classes])
         return image, torch.tensor(rows, dtype=torch.float32).reshape(len(rows), 4 + len(self.heads))
 
@@ -138,7 +150,8 @@ def centre_targets(objects: list[torch.Tensor], grid: int, num_heads: int):
 
 def centre_loss(pred, heat, box, classes, num_classes: list[int]) -> dict[str, torch.Tensor]:
     """Focal loss on the heatmap (α = 2, β = 4), L1 on the box and cross-entropy on each class
-    head at the centre cells; the total and, per class head, its accuracy at those cells."""
+    head at the centre cells that have its label; the total and, per class head with labels in
+    the batch, its accuracy at those cells."""
     p = pred[:, 0].sigmoid().clamp(1e-4, 1 - 1e-4)
     centre = heat.eq(1)
     n = centre.sum().clamp(min=1)
@@ -149,12 +162,13 @@ def centre_loss(pred, heat, box, classes, num_classes: list[int]) -> dict[str, t
     start = 5
     for k, size in enumerate(num_classes):
         logits, target = pred[:, start:start + size], classes[:, k]
-        ce = F.cross_entropy(logits, target, ignore_index=-100)
-        total = total + ce
-        with torch.no_grad():
-            kept = target >= 0
-            terms[f"acc_{k}"] = (logits.argmax(1)[kept] == target[kept]).float().mean()
+        kept = target >= 0
         start += size
+        if not kept.any():  # e.g. the colour of a batch whose every image had its hue turned
+            continue
+        total = total + F.cross_entropy(logits, target, ignore_index=-100)
+        with torch.no_grad():
+            terms[f"acc_{k}"] = (logits.argmax(1)[kept] == target[kept]).float().mean()
     terms["loss"] = total
     return terms
 
@@ -170,9 +184,11 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
     out = Path(p.out)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if not 0 <= p.hue <= 1:
+        raise LadsError(f"pretrain.hue must be a probability from 0 to 1, got {p.hue!r}")
     torch.manual_seed(p.seed)
     dataset = ObjectScenes(cfg.data.path, cfg.data.train_split, cfg.model.image_size,
-                           cfg.data.image_root, cfg.data.split_by)
+                           cfg.data.image_root, cfg.data.split_by, hue=p.hue)
     if len(dataset) < p.batch_size:
         raise LadsError(f"{cfg.data.path}: {len(dataset)} training images, fewer than pretrain.batch_size {p.batch_size}")
     backbone = VisualBackbone(v.width, "batch", v.dilation, frozen_stages=0)
@@ -227,7 +243,7 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
     tmp = out / (WEIGHTS + ".tmp")
     save_file({k: t.detach().cpu().contiguous() for k, t in backbone.state_dict().items()}, str(tmp))
     os.replace(tmp, weights)
-    meta = {"steps": step, "batch_size": cfg.pretrain.batch_size, "minutes": round((time.time() - start) / 60, 2),
+    meta = {"steps": step, "max_steps": p.steps, "batch_size": cfg.pretrain.batch_size, "minutes": round((time.time() - start) / 60, 2),
             "data": str(cfg.data.path),
             "images": len(dataset), "amp": amp, "width": v.width, "dilation": v.dilation, "image_size": cfg.model.image_size,
             "heads": dataset.heads, "last": record}
