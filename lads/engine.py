@@ -205,6 +205,8 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
             f"train.batch_size {t.batch_size} is not a multiple of processes × train.micro_batch "
             f"= {world} × {t.micro_batch}"
         )
+    if t.max_steps is not None and t.max_steps < 1:
+        raise LadsError(f"train.max_steps must be at least 1, got {t.max_steps}")
     accumulation = t.batch_size // (world * t.micro_batch)
     amp = resolve_amp(t.amp, device)
     if t.amp == "auto" and dist.is_main():
@@ -226,7 +228,9 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
     steps_per_epoch = len(dataset) // t.batch_size
     if steps_per_epoch == 0:
         raise LadsError(f"{cfg.data.path}: {len(dataset)} training expressions, fewer than one global batch ({t.batch_size})")
-    total_steps = t.epochs * steps_per_epoch if t.max_steps is None else min(t.max_steps, t.epochs * steps_per_epoch)
+    total_steps = t.epochs * steps_per_epoch
+    if t.max_steps is not None:
+        total_steps = min(t.max_steps, total_steps)
     optimizer = build_optimizer(model, t)
     scaler = grad_scaler(device, amp)
     warmup, schedule = round(t.warmup_epochs * steps_per_epoch), {"drop": _drop_step(t, steps_per_epoch)}
