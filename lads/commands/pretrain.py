@@ -243,8 +243,8 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
     tmp = out / (WEIGHTS + ".tmp")
     save_file({k: t.detach().cpu().contiguous() for k, t in backbone.state_dict().items()}, str(tmp))
     os.replace(tmp, weights)
-    meta = {"steps": step, "max_steps": p.steps, "batch_size": cfg.pretrain.batch_size, "minutes": round((time.time() - start) / 60, 2),
-            "data": str(cfg.data.path),
+    meta = {"steps": step, "max_steps": p.steps, "batch_size": p.batch_size,
+            "minutes": round((time.time() - start) / 60, 2), "data": str(cfg.data.path),
             "images": len(dataset), "amp": amp, "width": v.width, "dilation": v.dilation, "image_size": cfg.model.image_size,
             "heads": dataset.heads, "last": record}
     (out / META).write_text(json.dumps(meta, indent=2))
