@@ -86,6 +86,8 @@ class ModelConfig:
     dense: bool = False  # every gate forced open: the TransVG-style static baseline
     head: str = "cls"  # the box at inference: "cls" (the paper) or "token" (beyond the paper)
     init: Optional[str] = None  # start from a checkpoint's weights (a dense one: the gating network is new)
+    layer_drop_fusion: float = 0.0  # dense training only (LayerDrop): skip each fusion sublayer with this probability
+    layer_drop_visual: float = 0.0  # … and each visual bottleneck that has a layer gate
     subnet_cache_mb: float = 256.0  # inference: MB of sliced and folded tensors the subnet cache may hold
     visual: VisualConfig = field(default_factory=VisualConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -190,6 +192,8 @@ class DemoConfig:
     minutes: float = 5.75
     warmup_epochs: float = 0.1  # stage 2 starts from trained weights: a short warm-up
     lr_drop_fraction: float = 0.5  # stage 2: learning rates × 0.1 after this fraction of it
+    layer_drop_fusion: float = 0.3  # stage 1: model.layer_drop_fusion, so that LADS may cut the fusion
+    layer_drop_visual: float = 0.0  # stage 1: model.layer_drop_visual
 
 
 @dataclass

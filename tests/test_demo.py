@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lads.cli import main as lads_main
+from lads.config import DemoConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,6 +43,10 @@ def test_demo_end_to_end_then_rerun_reuses(tmp_path, tiny_text_dir, capsys):
     assert [set(r["splits"]) for r in rows] == [{"test", "heldout"}] * 2
     lads_meta = json.loads((out / "lads" / "checkpoint" / "config.json").read_text())
     assert lads_meta["model"]["init"] == str(out / "shared" / "checkpoint")  # stage 2 starts from stage 1
+    shared = json.loads((out / "shared" / "checkpoint" / "config.json").read_text())["model"]
+    dense = json.loads((out / "dense" / "checkpoint" / "config.json").read_text())["model"]
+    assert shared["layer_drop_fusion"] == DemoConfig().layer_drop_fusion > 0  # LayerDrop in stage 1 only
+    assert dense["layer_drop_fusion"] == lads_meta["model"]["layer_drop_fusion"] == 0
     capsys.readouterr()
 
     meta = json.loads((out / "pretrain" / "meta.json").read_text())

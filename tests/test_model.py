@@ -276,6 +276,41 @@ def test_dense_config_equals_all_gates_open(make_tiny, tiny_model):
     torch.testing.assert_close(got["boxes"], want, rtol=0, atol=0)
 
 
+def test_layer_drop_skips_layers_in_dense_training_only(make_tiny):
+    """``model.layer_drop_*``: in training, each fusion sublayer (visual bottleneck) of each
+    expression skipped with its probability, filters open, and the boxes are those of the
+    supernet with those gates; in evaluation, and at 0, every layer runs."""
+    model = make_tiny("model.dense=true", "model.layer_drop_fusion=0.3", "model.layer_drop_visual=0.1")
+    torch.manual_seed(0)
+    many = model.layer_drop(4000, "cpu")
+    fusion = torch.tensor(model.layout.layer_owner) >= model.layout.num_visual
+    assert set(many.layer.unique().tolist()) == {0.0, 1.0} and bool((many.filter == 1).all())
+    assert abs(many.layer[:, fusion].mean().item() - 0.7) < 0.01
+    assert abs(many.layer[:, ~fusion].mean().item() - 0.9) < 0.01
+    images, pixel_mask, ids, mask = make_batch(batch=3, seed=4)
+    model.train()
+    with torch.no_grad():
+        out = model(images, pixel_mask, ids, mask)
+        again = model(images, pixel_mask, ids, mask, gates=out["gates"])["heads"]
+    assert out["gates"].layer.shape == (3, model.layout.num_layer_gates) and (out["gates"].layer == 0).any()
+    torch.testing.assert_close(out["heads"], again, rtol=0, atol=0)
+    assert "mi" not in model.loss(out, torch.full((3, 4), 0.5))  # no gating network, no MI term
+    assert model.eval()(images, pixel_mask, ids, mask)["gates"] is None
+    assert make_tiny("model.dense=true").train()(images, pixel_mask, ids, mask)["gates"] is None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.dense=true", "model.layer_drop_fusion=1"], "model.layer_drop_fusion must be a probability"),
+    (["model.dense=true", "model.layer_drop_visual=-0.1"], "model.layer_drop_visual must be a probability"),
+    (["model.layer_drop_fusion=0.2"], "model.layer_drop_fusion is for the dense network"),
+])
+def test_layer_drop_is_checked(make_tiny, overrides, message):
+    from lads.errors import LadsError
+
+    with pytest.raises(LadsError, match=message):
+        make_tiny(*overrides)
+
+
 # ----------------------------------------------------------------------------- optimisation
 
 

@@ -53,8 +53,10 @@ def run(args):
     common = [*args.overrides, f"data.path={data}", f"model.visual.pretrained={visual}"]
     shared = _stage(3, "stage 1: the dense network, shared by both models", out / "shared", args.config, [
         *common, "model.dense=true", f"train.max_steps={demo.shared_steps}", f"train.max_minutes={demo.shared_minutes}",
-        "train.lr_drop_epoch=1000000", "train.epochs=1000000"])
-    branch = [*common, f"model.init={shared}", f"train.max_steps={demo.steps}", f"train.max_minutes={demo.minutes}",
+        "train.lr_drop_epoch=1000000", "train.epochs=1000000", f"model.layer_drop_fusion={demo.layer_drop_fusion}",
+        f"model.layer_drop_visual={demo.layer_drop_visual}"])
+    branch = [*common, f"model.init={shared}", "model.layer_drop_fusion=0", "model.layer_drop_visual=0",
+              f"train.max_steps={demo.steps}", f"train.max_minutes={demo.minutes}",
               "train.epochs=1000000", f"train.warmup_epochs={demo.warmup_epochs}",
               f"train.lr_drop_fraction={demo.lr_drop_fraction}"]
     checkpoints = {
