@@ -5,11 +5,10 @@ of the paper's DETR weights), train with the ``tiny`` preset in two stages (docs
 the dense network first, once, for both models (with LayerDrop on its fusion sublayers, so that
 the subnets LADS cuts start from weights that work without some of them); then, from it and for
 the same steps each, LADS (the gating network joins) and the dense baseline; every stage has a
-cap in minutes as well.
-Evaluate both on the test and held-out-combination splits, run ``predict`` on a few test images,
-draw what the subnets do (``lads analyze``) and the learning curves, and write a report. A rerun
-reuses what is done and resumes what is not; SIGINT/SIGTERM stops the whole demo after the
-running stage's checkpoint.
+cap in minutes as well. Evaluate both on the test and held-out-combination splits, run
+``predict`` on a few test images, draw what the subnets do (``lads analyze``) and the learning
+curves, and write a report. A rerun reuses what is done and resumes what is not; SIGINT/SIGTERM
+stops the whole demo after the running stage's checkpoint.
 """
 
 from __future__ import annotations
