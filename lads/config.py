@@ -64,6 +64,7 @@ class GatingConfig:
     hidden: int = 24  # d_h; 24 gives ~0.6 M parameters at paper scale, the paper's figure
     bias_init: float = 3.0  # gates start mostly open (sigmoid(3) = 0.95)
     granularity: str = "batch"  # soft/hard choice of Eq. 5: once per "batch" or per "element"
+    static: bool = False  # the static control: a learned constant in place of F_l, one mask for all (§5c)
 
 
 @dataclass
@@ -88,6 +89,7 @@ class ModelConfig:
     init: Optional[str] = None  # start from a checkpoint's weights (a dense one: the gating network is new)
     layer_drop_fusion: float = 0.0  # dense training only (LayerDrop): skip each fusion sublayer with this probability
     layer_drop_visual: float = 0.0  # … and each visual bottleneck that has a layer gate
+    filter_drop: float = 0.0  # … and each filter of a bottleneck (its filter gate closed)
     subnet_cache_mb: float = 256.0  # inference: MB of sliced and folded tensors the subnet cache may hold
     visual: VisualConfig = field(default_factory=VisualConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -148,6 +150,7 @@ class TrainConfig:
     lr: float = 1e-4
     lr_backbone: float = 1e-5  # visual and text backbones
     lr_visual: Optional[float] = None  # visual backbone, if not lr_backbone (one trained from scratch)
+    lr_gating: Optional[float] = None  # gating network, if not lr
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     clip_grad: float = 0.1  # max gradient norm; 0 disables
@@ -186,6 +189,8 @@ class DemoConfig:
     in minutes first (the pre-training's: ``pretrain.steps``, ``pretrain.max_minutes``)."""
 
     images: int = 4000  # train/val/test images; held-out ones are added
+    fit_to_machine: bool = True  # scale every stage's steps by reference_step_s / this machine's (a probe)
+    reference_step_s: float = 0.80  # seconds per tiny training step where the steps below take ~25 minutes
     shared_steps: int = 680  # stage 1: the dense network, once, for both models
     steps: int = 360  # stage 2: LADS (gates on) and dense, each from stage 1
     shared_minutes: float = 9.5  # caps on the stages' time: a slower machine stops there, with fewer steps
@@ -194,6 +199,7 @@ class DemoConfig:
     lr_drop_fraction: float = 0.5  # stage 2: learning rates × 0.1 after this fraction of it
     layer_drop_fusion: float = 0.3  # stage 1: model.layer_drop_fusion, so that LADS may cut the fusion
     layer_drop_visual: float = 0.0  # stage 1: model.layer_drop_visual
+    filter_drop: float = 0.0  # stage 1: model.filter_drop
 
 
 @dataclass

@@ -84,13 +84,14 @@ def rank_micro_batches(perm, batch, step_in_epoch, micro, accumulation, rank):
 
 def build_optimizer(model, cfg) -> torch.optim.Optimizer:
     """AdamW with the paper's groups: ``lr_backbone`` for both backbones, ``lr`` for the rest
-    (``lr_visual``, when set, for the visual backbone)."""
-    groups = {"rest": [], "visual_backbone": [], "text_backbone": []}
+    (``lr_visual``, when set, for the visual backbone; ``lr_gating`` for the gating network)."""
+    groups = {"rest": [], "visual_backbone": [], "text_backbone": [], "gating": []}
     for name, p in model.named_parameters():
         if p.requires_grad:
             groups.get(name.split(".")[0], groups["rest"]).append(p)
     lrs = {"rest": cfg.lr, "text_backbone": cfg.lr_backbone,
-           "visual_backbone": cfg.lr_backbone if cfg.lr_visual is None else cfg.lr_visual}
+           "visual_backbone": cfg.lr_backbone if cfg.lr_visual is None else cfg.lr_visual,
+           "gating": cfg.lr if cfg.lr_gating is None else cfg.lr_gating}
     groups = [{"params": params, "lr": lrs[name]} for name, params in groups.items()]
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay, foreach=True)
 
@@ -348,6 +349,42 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
     if status.startswith("stopped: non-finite"):
         raise LadsError(f"training {status}")
     return out / "checkpoint"
+
+
+def step_seconds(cfg: Config, steps: int = 5, warmup: int = 2) -> float:
+    """Median seconds of one training step of ``cfg`` on this machine (loading its batch, forward,
+    backward, AdamW), over ``steps`` steps after ``warmup``: a probe of the machine's speed. The
+    model is a new one and its weights are thrown away."""
+    from lads.datasets.dataset import collate
+    from lads.models import LADS
+    from lads.models.text import load_tokenizer
+
+    t = cfg.train
+    device = dist.local_device()
+    amp = resolve_amp(t.amp, device)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    torch.manual_seed(t.seed)
+    model = LADS(cfg.model).to(device).train()
+    if t.channels_last:
+        model.visual_backbone.to(memory_format=torch.channels_last)
+    dataset = load_split(cfg, cfg.data.train_split, True, load_tokenizer(cfg.model.text.name))
+    optimizer = build_optimizer(model, t)
+    times, index = [], 0
+    for _ in range(warmup + steps):
+        began = time.perf_counter()
+        for _ in range(max(1, t.batch_size // t.micro_batch)):
+            batch = to_device(collate([dataset[(index + i) % len(dataset)] for i in range(t.micro_batch)]), device)
+            index += t.micro_batch
+            with autocast(device, amp):
+                outputs = model(batch["image"], batch["pixel_mask"], batch["input_ids"], batch["attention_mask"])
+                model.loss(outputs, batch["box"])["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - began)
+    return float(np.median(times[warmup:]))
 
 
 def _drop_step(t, steps_per_epoch: int) -> int:

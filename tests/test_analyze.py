@@ -70,6 +70,27 @@ def test_statistics_equal_hand_counts():
     json.dumps(s)  # JSON-ready
 
 
+def test_dynamicity_equals_hand_counts():
+    """Rates: layer1.1 0.6, attn 1.0, ffn 0.0; filters 1.0, 0.2, 0.8, 0.6, 0.6, 1.0, 0.0."""
+    d = stats.gate_statistics(LAYER, FILTER, LAYOUT, TYPES, FLOPS)["dynamicity"]
+    assert set(d) == {"layers_varying", "layers_never", "layers_always", "filters_varying_fraction",
+                      "filters_never_fraction", "flops"}
+    assert (d["layers_varying"], d["layers_never"], d["layers_always"]) == (1, 1, 1)
+    assert d["filters_varying_fraction"] == pytest.approx(4 / 7) and d["filters_never_fraction"] == pytest.approx(1 / 7)
+    assert d["flops"] == pytest.approx({"mean": 0.5, "std": np.std(FLOPS), "min": 0.1, "max": 0.9})
+    a = stats.gate_statistics(LAYER, FILTER, LAYOUT, TYPES, FLOPS)["dynamicity_by_type"]["a"]
+    # type a (rows 0, 2, 4): layer1.1 always, filters 1, 1/3, 2/3, 2/3, 1, 1, 0
+    assert (a["layers_varying"], a["layers_never"], a["layers_always"]) == (0, 1, 2)
+    assert a["filters_varying_fraction"] == pytest.approx(3 / 7) and a["flops"]["mean"] == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize("rate, varies", [(0.05, False), (0.1, True), (0.9, True), (0.95, False)])
+def test_a_layer_varies_between_ten_and_ninety_percent_bounds_included(rate, varies):
+    layer = np.zeros((20, 3))
+    layer[: round(20 * rate), 0] = 1
+    assert stats.dynamicity(layer, np.ones((20, 7)))["layers_varying"] == int(varies)
+
+
 def test_examples_one_per_type_or_most_different():
     assert sorted(TYPES[i] for i in choose_examples(LAYER, FILTER, TYPES)) == ["a", "b"]
     chosen = choose_examples(LAYER, FILTER)
@@ -107,7 +128,8 @@ def test_wordpieces_merge_and_specials_drop():
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def make_model(tmp_path_factory):
+    """``make_model(*overrides)``: ``tiny`` with a random 2-layer BERT of the real vocabulary."""
     from transformers import BertConfig, BertModel
 
     import lads
@@ -119,9 +141,18 @@ def model(tmp_path_factory):
     config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                         vocab_size=len(vocab.read_text().splitlines()))
     BertModel(config).save_pretrained(bert)
-    torch.manual_seed(0)
-    return lads.build_model("tiny", [f"model.text.name={bert}", "model.text.pretrained=false",
-                                     "model.text.num_layers=2", "model.gating.bias_init=0"]).eval()
+
+    def make(*overrides):
+        torch.manual_seed(0)
+        return lads.build_model("tiny", [f"model.text.name={bert}", "model.text.pretrained=false",
+                                         "model.text.num_layers=2", "model.gating.bias_init=0", *overrides]).eval()
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def model(make_model):
+    return make_model()
 
 
 COLOURS, SHAPES = ["red", "green", "blue", "yellow"], ["circle", "square", "star"]
@@ -201,6 +232,11 @@ def test_every_figure_is_a_png_and_the_report_embeds_them(analysed):
     assert set(saved["by_type"]) == {"category", "attribute", "spatial", "relational"}
     assert 0 < saved["subnet"]["flops_fraction"] < 1  # bias_init = 0: about half the gates closed
     assert {"the", "left"} <= set(saved["words"])
+    assert saved["dynamicity"]["layers_varying"] + saved["dynamicity"]["layers_never"] \
+        + saved["dynamicity"]["layers_always"] <= 20
+    page = result["report"].read_text()
+    assert "Do the subnets follow the expression?" in page and "no never-selected filter" in page
+    assert f"<td>{saved['dynamicity']['layers_varying']}</td>" in page
     assert not any(w.startswith("##") or w in ("[CLS]", "[SEP]") for w in saved["words"])
 
 
@@ -220,6 +256,17 @@ def test_too_few_expressions_skip_the_map_only(model, tmp_path):
         _check_png(path)
     assert "t-SNE) skipped" in result["report"].read_text()
     assert json.loads(result["stats_path"].read_text())["notes"] == result["notes"]
+
+
+def test_static_control_has_one_subnet_and_no_word_scores(make_model, tmp_path):
+    static = make_model("model.gating.static=true")
+    expressions, types = zip(*EXPRESSIONS)
+    result = analyze(static, list(expressions), list(types), tmp_path, force=True, progress=False)
+    d = result["stats"]["dynamicity"]
+    assert d["layers_varying"] == 0 and d["layers_never"] + d["layers_always"] == 20  # one subnet for all
+    assert d["filters_varying_fraction"] == 0 and 0 < d["filters_never_fraction"] < 1
+    assert "fig7" not in result["figures"] and "words" not in result["stats"]
+    assert any("static control" in n for n in result["notes"])
 
 
 def test_dense_model_is_refused(model, tmp_path):

@@ -21,7 +21,7 @@ SMALL = ["demo.images=24", "demo.shared_steps=3", "demo.steps=2", "pretrain.step
          "pretrain.batch_size=4", "model.image_size=64", "model.visual.width=8", "model.fusion.d_model=32",
          "model.fusion.num_heads=2", "model.fusion.ffn_dim=64", "model.fusion.num_layers=2",
          "model.gating.hidden=8", "model.text.num_layers=2", "train.batch_size=4", "train.micro_batch=4",
-         "train.eval_every=0.5"]
+         "train.eval_every=0.5", "demo.fit_to_machine=false"]
 
 
 @pytest.mark.slow
@@ -32,28 +32,36 @@ def test_demo_end_to_end_then_rerun_reuses(tmp_path, tiny_text_dir, capsys):
         args += ["--set", o]
     assert lads_main(args) == 0
     report = (out / "report.md").read_text()
-    for row in ("LADS (lads), token head", "LADS (lads), [CLS] head (paper)", "dense (dense), token head"):
+    for row in ("LADS (lads), token head", "LADS (lads), [CLS] head (paper)", "static control (static), token head",
+                "dense (dense), token head"):
         assert row in report
+    assert "| stage 2: static control |" in report and "Do the subnets follow the expression?" in report
+    assert "To repeat these steps: `lads demo --set demo.fit_to_machine=false --set pretrain.steps=2 " \
+           "--set demo.shared_steps=3 --set demo.steps=2`" in report
     assert "| stage 1: dense, shared |" in report and "| stage 2: LADS |" in report
     assert "| pre-training of the visual backbone | 2 |" in report and "| stage 1: dense, shared | 3 |" in report
     assert "**warning**" not in report  # every stage ran its steps within its cap
     assert "| float32 |" in report or "| bf16 |" in report  # train.amp=auto, as this CPU does it
     assert (out / "curves.png").stat().st_size > 0 and "curves.png" in report
     rows = json.loads((out / "results.json").read_text())
-    assert [set(r["splits"]) for r in rows] == [{"test", "heldout"}] * 2
+    assert [set(r["splits"]) for r in rows] == [{"test", "heldout"}] * 3
     lads_meta = json.loads((out / "lads" / "checkpoint" / "config.json").read_text())
     assert lads_meta["model"]["init"] == str(out / "shared" / "checkpoint")  # stage 2 starts from stage 1
     shared = json.loads((out / "shared" / "checkpoint" / "config.json").read_text())["model"]
     dense = json.loads((out / "dense" / "checkpoint" / "config.json").read_text())["model"]
     assert shared["layer_drop_fusion"] == DemoConfig().layer_drop_fusion > 0  # LayerDrop in stage 1 only
     assert dense["layer_drop_fusion"] == lads_meta["model"]["layer_drop_fusion"] == 0
+    static = json.loads((out / "static" / "checkpoint" / "config.json").read_text())["model"]
+    assert static["gating"]["static"] and not lads_meta["model"]["gating"]["static"]
+    assert static["init"] == lads_meta["model"]["init"]  # the same stage 1, the same steps after
     capsys.readouterr()
 
     meta = json.loads((out / "pretrain" / "meta.json").read_text())
     (out / "pretrain" / "meta.json").write_text(json.dumps({**meta, "steps": 1}))  # as if cut by its cap
     assert lads_main(args) == 0  # a rerun trains nothing again
     printed = capsys.readouterr().out
-    assert printed.count("done already") == 3 and "reusing the synthetic benchmark" in printed
+    assert printed.count("done already") == 4 and "reusing the synthetic benchmark" in printed
+    assert "reusing the step budget" in printed
     report = (out / "report.md").read_text()
     assert "- **warning**: pre-training of the visual backbone reached its time cap after 1 of its 2 steps" in report
 
@@ -66,7 +74,7 @@ def test_a_signal_stops_the_whole_demo_and_a_rerun_resumes_it(tmp_path, tiny_tex
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
-        if line.startswith("[3/9]"):
+        if line.startswith("[4/11]"):
             break
     deadline = time.time() + 60
     while not (out / "shared" / "log.jsonl").exists() and time.time() < deadline:
@@ -76,9 +84,27 @@ def test_a_signal_stops_the_whole_demo_and_a_rerun_resumes_it(tmp_path, tiny_tex
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 2, stderr
     assert "stopped by SIGTERM during stage 1" in stderr and "run the demo again" in stderr
-    assert "[4/9]" not in stdout and not (out / "lads").exists() and not (out / "report.md").exists()
+    assert "[5/11]" not in stdout and not (out / "lads").exists() and not (out / "report.md").exists()
     assert json.loads((out / "shared" / "checkpoint" / "meta.json").read_text())["reason"] == "SIGTERM"
 
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming from" in rerun.stdout + rerun.stderr and (out / "report.md").exists()
+
+
+@pytest.mark.parametrize("reference, scale", [(1e-9, 0.25), (1e9, 8.0)])
+def test_step_budget_is_fitted_to_the_machine_within_bounds(tmp_path, tiny_text_dir, synth_data, reference, scale):
+    """A real probe of training steps; the reference machine's step time set so far off that
+    the factor is clamped, so the steps are known: the preset's × the bound, rounded."""
+    from lads.commands.demo import _budget
+
+    overrides = [o for o in SMALL if not o.startswith("demo.fit")] + [
+        f"model.text.name={tiny_text_dir}", f"data.path={synth_data}", "demo.shared_steps=40",
+        "demo.steps=20", "pretrain.steps=12", f"demo.reference_step_s={reference}"]
+    budget = _budget(tmp_path, "tiny", overrides)
+    assert budget["probe_step_s"] > 0 and budget["scale"] == scale
+    assert budget["steps"] == {k: round(v * scale) for k, v in
+                               {"pretrain.steps": 12, "demo.shared_steps": 40, "demo.steps": 20}.items()}
+    saved = json.loads((tmp_path / "budget.json").read_text())
+    assert saved == budget and saved["overrides"][0] == "demo.fit_to_machine=false"
+    assert _budget(tmp_path, "tiny", []) == budget  # a rerun keeps the steps it chose

@@ -134,3 +134,35 @@ def test_box_loss_reaches_gating_network_through_hard_gates(make_tiny):
 def test_gates_map_and_len():
     gates = Gates(torch.zeros(3, 2), torch.ones(3, 5))
     assert len(gates) == 3 and torch.equal(gates.map(lambda t: t + 1).filter, torch.full((3, 5), 2.0))
+
+
+# ----------------------------------------------------------------------------- the static control
+
+
+def test_static_control_gives_every_expression_the_same_gates(make_tiny):
+    """``model.gating.static``: a learned constant in place of F_l. In evaluation every expression
+    gets the same hard gates whatever its words; LADS's gates, from the same weights, differ."""
+    static = make_tiny("model.gating.static=true", "model.gating.bias_init=0").eval()
+    lads = make_tiny("model.gating.bias_init=0").eval()
+    _, _, ids, mask = make_batch(batch=6, seed=3)
+    with torch.no_grad():
+        text, text_mask = static.encode_text(ids, mask)
+        gates, soft, relevance, alpha = static.gates(text, text_mask)
+        lads_relevance = lads.gates(*lads.encode_text(ids, mask))[2]
+    assert alpha is None  # it reads no word
+    assert torch.equal(relevance.layer, relevance.layer[:1].expand_as(relevance.layer))
+    assert torch.equal(relevance.filter, relevance.filter[:1].expand_as(relevance.filter))
+    assert not torch.equal(lads_relevance.filter, lads_relevance.filter[:1].expand_as(lads_relevance.filter))
+    assert 0 < gates.filter.mean() < 1  # the gates are not all open: they are one mask, not no mask
+
+
+def test_static_control_learns_its_mask_through_its_weights(make_tiny):
+    """The box loss and Eq. 8 reach the constant and the stacked weights, as they reach LADS's."""
+    model = make_tiny("model.gating.static=true").train()
+    torch.manual_seed(0)
+    out = model(*make_batch(batch=2))
+    model.loss(out, torch.tensor([[0.4, 0.5, 0.2, 0.3]] * 2))["loss"].backward()
+    for name in ("constant", "w1", "w2", "w3", "b2", "b3"):
+        grad = getattr(model.gating, name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    assert model.gating.embedding.grad is None or model.gating.embedding.grad.abs().sum() == 0  # α is unused

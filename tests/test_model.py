@@ -277,9 +277,9 @@ def test_dense_config_equals_all_gates_open(make_tiny, tiny_model):
 
 
 def test_layer_drop_skips_layers_in_dense_training_only(make_tiny):
-    """``model.layer_drop_*``: in training, each fusion sublayer (visual bottleneck) of each
-    expression skipped with its probability, filters open, and the boxes are those of the
-    supernet with those gates; in evaluation, and at 0, every layer runs."""
+    """``model.layer_drop_*``, ``model.filter_drop``: in training, each fusion sublayer (visual
+    bottleneck, filter) of each expression skipped with its probability, and the boxes are those
+    of the supernet with those gates; in evaluation, and at 0, every layer and filter runs."""
     model = make_tiny("model.dense=true", "model.layer_drop_fusion=0.3", "model.layer_drop_visual=0.1")
     torch.manual_seed(0)
     many = model.layer_drop(4000, "cpu")
@@ -287,6 +287,9 @@ def test_layer_drop_skips_layers_in_dense_training_only(make_tiny):
     assert set(many.layer.unique().tolist()) == {0.0, 1.0} and bool((many.filter == 1).all())
     assert abs(many.layer[:, fusion].mean().item() - 0.7) < 0.01
     assert abs(many.layer[:, ~fusion].mean().item() - 0.9) < 0.01
+    filters = make_tiny("model.dense=true", "model.filter_drop=0.2").layer_drop(500, "cpu")
+    assert bool((filters.layer == 1).all()) and set(filters.filter.unique().tolist()) == {0.0, 1.0}
+    assert abs(filters.filter.mean().item() - 0.8) < 0.01
     images, pixel_mask, ids, mask = make_batch(batch=3, seed=4)
     model.train()
     with torch.no_grad():
@@ -303,6 +306,8 @@ def test_layer_drop_skips_layers_in_dense_training_only(make_tiny):
     (["model.dense=true", "model.layer_drop_fusion=1"], "model.layer_drop_fusion must be a probability"),
     (["model.dense=true", "model.layer_drop_visual=-0.1"], "model.layer_drop_visual must be a probability"),
     (["model.layer_drop_fusion=0.2"], "model.layer_drop_fusion is for the dense network"),
+    (["model.dense=true", "model.filter_drop=1.5"], "model.filter_drop must be a probability"),
+    (["model.filter_drop=0.1"], "model.filter_drop is for the dense network"),
 ])
 def test_layer_drop_is_checked(make_tiny, overrides, message):
     from lads.errors import LadsError
@@ -362,3 +367,20 @@ def test_positions_are_fractions_of_the_padded_square():
     half = lambda v: [math.sin(v / freq[k]) if k % 2 == 0 else math.cos(v / freq[k]) for k in range(dim // 2)]  # noqa: E731
     expected = torch.tensor(half(y) + half(x), dtype=torch.float64)
     torch.testing.assert_close(pos[0, i * w + j].double(), expected, atol=1e-6, rtol=0)
+
+
+def test_optimizer_groups_and_their_learning_rates(make_tiny):
+    """``train.lr_gating`` moves the gating network's learning rate alone; unset, it is ``lr``."""
+    from lads.config import TrainConfig
+    from lads.engine import build_optimizer
+
+    model = make_tiny()
+    gating = {id(p) for p in model.gating.parameters()}
+    for lr_gating, expected in ((None, 5e-4), (2e-3, 2e-3)):
+        optimizer = build_optimizer(model, TrainConfig(lr=5e-4, lr_backbone=1e-5, lr_gating=lr_gating))
+        lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+        assert {lrs[i] for i in gating} == {expected}
+        assert lrs[id(model.fusion.layers[0].linear1.weight)] == 5e-4
+        assert lrs[id(next(model.visual_backbone.parameters()))] == 1e-5
+        assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(
+            1 for p in model.parameters() if p.requires_grad)

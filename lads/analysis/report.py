@@ -17,6 +17,57 @@ CAPTIONS = {
 }
 
 
+# What the paper reports for its subnets on ReferIt test (Fig. 4 and its text), beside each row of
+# ``dynamicity_table``; the paper prints no FLOPs spread.
+PAPER = {
+    "layers_varying": "nearly all (Fig. 4b)",
+    "layers_never": "0",
+    "layers_always": "–",
+    "filters_varying_fraction": "almost all (Fig. 4a)",
+    "filters_never_fraction": '0 ("no never-selected filter")',
+    "flops": "–",
+    "visual": "8 of 16 on average, 4 at least",
+    "interaction": "10 of 12 on average, 6 at least",
+}
+
+
+def dynamicity_table(columns: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the dynamicity numbers (``stats.dynamicity``) of one or more models,
+    ``columns``: name -> ``gate_statistics`` dict, with the paper's figures in the last column."""
+    def flops(d):
+        f = d["flops"]
+        return f"{f['mean']:.2f} ± {f['std']:.2f} ({f['min']:.2f}–{f['max']:.2f})"
+
+    def kept(s, part):
+        k = s["layers_kept"][part]
+        return f"{k['mean']:.1f} of {_total(s, part)} on average, {k['min']:.0f} at least"
+
+    rows = [
+        ["gated layers varying (selected for 10–90 % of expressions)", "layers_varying", lambda d: str(d["layers_varying"])],
+        ["gated layers never selected", "layers_never", lambda d: str(d["layers_never"])],
+        ["gated layers always selected", "layers_always", lambda d: str(d["layers_always"])],
+        ["filters varying (5–95 %)", "filters_varying_fraction", lambda d: f"{d['filters_varying_fraction']:.3f}"],
+        ["filters never selected", "filters_never_fraction", lambda d: f"{d['filters_never_fraction']:.3f}"],
+        ["FLOPs kept per expression: mean ± std (min–max)", "flops", flops],
+    ]
+    body = [[label, *(fn(s["dynamicity"]) for s in columns.values()), PAPER[key]] for label, key, fn in rows
+            if all(key in s["dynamicity"] for s in columns.values())]
+    body += [[f"{part} layers run", *(kept(s, part) for s in columns.values()), PAPER[part]]
+             for part in ("visual", "interaction")]
+    return ["", *columns, "paper (ReferIt test)"], body
+
+
+def _total(stats: dict, part: str) -> int:
+    """Bottlenecks (``visual``) or fusion sublayers (``interaction``) of the model."""
+    gated = sum(1 for name in stats["layer_selection_rate"] if name.startswith("fusion.") == (part == "interaction"))
+    return gated + (len(stats["always_run_layers"]) if part == "visual" else 0)
+
+
+def markdown(header: list[str], rows: list[list]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                      *("| " + " | ".join(str(c) for c in r) + " |" for r in rows)])
+
+
 def _image(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.stem)}">'
@@ -46,6 +97,15 @@ def write_report(path: Path, stats: dict, figures: dict[str, Path], notes: list[
          ["always selected", always["num_layers"], always["num_filters"]]],
         ["", "layers (of those with a gate)", "filters"],
     ))
+    header, rows = dynamicity_table({"this model": s})
+    parts += ["<h2>Do the subnets follow the expression?</h2>", _table(rows, header)]
+    if "dynamicity_by_type" in s:
+        keys = ["layers_varying", "layers_never", "filters_varying_fraction", "filters_never_fraction"]
+        parts.append(_table(
+            [[t, *(d[k] for k in keys), *([f"{d['flops']['mean']:.3f} ± {d['flops']['std']:.3f}"] if "flops" in d else [])]
+             for t, d in s["dynamicity_by_type"].items()],
+            ["type", *keys, *(["flops"] if "flops" in s["dynamicity"] else [])],
+        ))
     if "by_type" in s:
         keys = [k for k in ("layers_kept", "filters_kept", "flops_fraction") if k in sub]
         parts += ["<h2>Subnet size per expression type</h2>", _table(

@@ -22,6 +22,37 @@ def _summary(values: np.ndarray, histogram: bool = False) -> dict:
     return out
 
 
+VARYING_LAYERS = (0.10, 0.90)  # a gated layer "varies" when selected for 10 % to 90 % of the expressions
+VARYING_FILTERS = (0.05, 0.95)  # a filter, 5 % to 95 %
+
+
+def dynamicity(layer, filt, flops_fraction=None) -> dict:
+    """How much the subnets follow the expression, counted as the paper's Fig. 4 counts it
+    (docs/design.md §5c), from (N, n_L) layer gates and (N, n_C) filter gates:
+
+    - ``layers_varying``: gated layers selected for 10 % to 90 % of the expressions (bounds
+      included); ``layers_never`` / ``layers_always``: for none / for all of them;
+    - ``filters_varying_fraction``: the share of filter gates open for 5 % to 95 % of the
+      expressions; ``filters_never_fraction``: the share open for none (the paper: no filter is
+      never selected). A filter gate is counted as the gating network sets it, as in Fig. 4a,
+      whether or not its bottleneck runs;
+    - ``flops``: mean, std, min and max of the per-expression FLOPs fraction, when given.
+    """
+    layer_rate, filter_rate = np.asarray(layer, float).mean(0), np.asarray(filt, float).mean(0)
+    (lo, hi), (flo, fhi) = VARYING_LAYERS, VARYING_FILTERS
+    out = {
+        "layers_varying": int(((layer_rate >= lo) & (layer_rate <= hi)).sum()),
+        "layers_never": int((layer_rate == 0).sum()),
+        "layers_always": int((layer_rate == 1).sum()),
+        "filters_varying_fraction": float(((filter_rate >= flo) & (filter_rate <= fhi)).mean()),
+        "filters_never_fraction": float((filter_rate == 0).mean()),
+    }
+    if flops_fraction is not None:
+        flops = _summary(np.asarray(flops_fraction, float))
+        out["flops"] = {k: flops[k] for k in ("mean", "std", "min", "max")}
+    return out
+
+
 def gate_statistics(layer, filt, layout: GateLayout, expr_types=None, flops_fraction=None) -> dict:
     """Selection rates and subnet sizes (the numbers behind Fig. 4), as a JSON-ready dict.
 
@@ -65,6 +96,7 @@ def gate_statistics(layer, filt, layout: GateLayout, expr_types=None, flops_frac
             for i in stage_first_blocks(layout)
         },
         "subnet": {k: float(v.mean()) for k, v in size.items()},
+        "dynamicity": dynamicity(layer, filt, flops_fraction),
     }
     if expr_types is not None:
         groups = defaultdict(list)
@@ -72,6 +104,10 @@ def gate_statistics(layer, filt, layout: GateLayout, expr_types=None, flops_frac
             groups[t].append(i)
         stats["by_type"] = {
             t: {"expressions": len(idx), **{k: float(v[idx].mean()) for k, v in size.items()}}
+            for t, idx in sorted(groups.items())
+        }
+        stats["dynamicity_by_type"] = {
+            t: dynamicity(layer[idx], filt[idx], None if flops_fraction is None else size["flops_fraction"][idx])
             for t, idx in sorted(groups.items())
         }
     return stats

@@ -68,7 +68,8 @@ def collect(model, expressions: list[str], tokenizer=None, batch_size: int = 128
     """Hard gates (eval mode) and α (Eq. 1) of each expression, from the text alone.
 
     Returns ``layer`` (N, n_L), ``filter`` (N, n_C), ``words`` (whole words, WordPieces merged,
-    [CLS]/[SEP] dropped), ``alpha`` (per expression, (K, words)) and ``tokens`` (N,).
+    [CLS]/[SEP] dropped), ``alpha`` (per expression, (K, words); None for the static control,
+    whose gating network reads no word) and ``tokens`` (N,).
     """
     from tqdm import tqdm
 
@@ -87,15 +88,25 @@ def collect(model, expressions: list[str], tokenizer=None, batch_size: int = 128
         gates, _, _, alpha = model.gates(text, mask)
         layer.append(gates.layer.cpu().numpy())
         filt.append(gates.filter.cpu().numpy())
-        for ids, m, a in zip(batch["input_ids"].cpu(), mask.cpu(), alpha.float().cpu().numpy()):
+        for j, (ids, m) in enumerate(zip(batch["input_ids"].cpu(), mask.cpu())):
             n = int(m.sum())
-            w, wa = stats.merge_wordpieces(tokenizer.convert_ids_to_tokens(ids[:n].tolist()), a[:, :n], special)
+            a = np.zeros((1, n)) if alpha is None else alpha[j].float().cpu().numpy()[:, :n]
+            w, wa = stats.merge_wordpieces(tokenizer.convert_ids_to_tokens(ids[:n].tolist()), a, special)
             words.append(w)
-            alphas.append(wa)
+            alphas.append(None if alpha is None else wa)
             tokens.append(n)
     model.train(was_training)
     return {"layer": np.concatenate(layer), "filter": np.concatenate(filt), "words": words,
             "alpha": alphas, "tokens": np.array(tokens)}
+
+
+def subnet_statistics(model, expressions: list[str], expr_types=None, batch_size: int = 128,
+                      progress: bool = True) -> tuple[dict, dict]:
+    """``stats.gate_statistics`` of the expressions' subnets, their FLOPs and dynamicity
+    included, and what ``collect`` returned."""
+    got = collect(model, expressions, batch_size=batch_size, progress=progress)
+    flops = stats.kept_flops_fraction(model, got["layer"], got["filter"], got["tokens"])
+    return stats.gate_statistics(got["layer"], got["filter"], model.layout, expr_types, flops), got
 
 
 def choose_examples(layer, filt, expr_types=None, count: int = 4) -> list[int]:
@@ -138,13 +149,16 @@ def analyze(model, expressions: list[str], expr_types: list[str] | None = None, 
     for name in OUTPUTS.values():  # no stale figure from an earlier run
         (out / name).unlink(missing_ok=True)
 
-    got = collect(model, expressions, batch_size=batch_size, progress=progress)
+    result, got = subnet_statistics(model, expressions, expr_types, batch_size, progress)
     layer, filt, layout = got["layer"], got["filter"], model.layout
-    flops = stats.kept_flops_fraction(model, layer, filt, got["tokens"])
-    result = stats.gate_statistics(layer, filt, layout, expr_types, flops)
-    words = stats.word_scores(got["words"], got["alpha"], layout.num_visual)
-    result["words"] = dict(sorted(words.items(), key=lambda kv: -kv[1]["count"]))
     notes = []
+    static = model.config.gating.static
+    if static:
+        notes.append("The static control: its gating network reads no word, so every expression has the "
+                     "same subnet and there are no word scores (Fig. 7).")
+    else:
+        words = stats.word_scores(got["words"], got["alpha"], layout.num_visual)
+        result["words"] = dict(sorted(words.items(), key=lambda kv: -kv[1]["count"]))
 
     figs = {
         "fig4a": figures.filter_rates(filt, layout, out / OUTPUTS["fig4a"]),
@@ -161,8 +175,9 @@ def analyze(model, expressions: list[str], expr_types: list[str] | None = None, 
     chosen = choose_examples(layer, filt, expr_types)
     labels = [expressions[i] + (f" [{expr_types[i]}]" if expr_types else "") for i in chosen]
     figs["fig6"] = figures.subnet_drawings(layer[chosen], filt[chosen], labels, layout, out / OUTPUTS["fig6"])
-    visual, interaction = stats.cloud_weights(words)
-    figs["fig7"] = figures.word_clouds(visual, interaction, out / OUTPUTS["fig7"])
+    if not static:
+        visual, interaction = stats.cloud_weights(words)
+        figs["fig7"] = figures.word_clouds(visual, interaction, out / OUTPUTS["fig7"])
     result["notes"] = notes
     result["figures"] = {k: p.name for k, p in figs.items()}
 

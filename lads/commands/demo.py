@@ -1,14 +1,16 @@
 """``lads demo``: the main job on the embedded default, the synthetic REC benchmark.
 
-Generate the benchmark, pre-train the visual backbone on its boxes (``lads pretrain``, the role
-of the paper's DETR weights), train with the ``tiny`` preset in two stages (docs/design.md §5a):
-the dense network first, once, for both models (with LayerDrop on its fusion sublayers, so that
-the subnets LADS cuts start from weights that work without some of them); then, from it and for
-the same steps each, LADS (the gating network joins) and the dense baseline; every stage has a
-cap in minutes as well. Evaluate both on the test and held-out-combination splits, run
-``predict`` on a few test images, draw what the subnets do (``lads analyze``) and the learning
-curves, and write a report. A rerun reuses what is done and resumes what is not; SIGINT/SIGTERM
-stops the whole demo after the running stage's checkpoint.
+Generate the benchmark, fit the step budgets to this machine's speed (a probe of a few training
+steps), pre-train the visual backbone on its boxes (``lads pretrain``, the role of the paper's
+DETR weights), train with the ``tiny`` preset in two stages (docs/design.md §5a): the dense
+network first, once, for every model (with LayerDrop on its fusion sublayers, so that the subnets
+LADS cuts start from weights that work without some of them); then, from it and for the same
+steps each, LADS (the gating network joins), the static control (the same, with gates that do
+not read the expression; §5c) and the dense baseline; every stage has a cap in minutes as well.
+Evaluate the three on the test and held-out-combination splits, run ``predict`` on a few test
+images, draw what the subnets do (``lads analyze``) and the learning curves, and write a report.
+A rerun reuses what is done and resumes what is not; SIGINT/SIGTERM stops the whole demo after
+the running stage's checkpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ import time
 from pathlib import Path
 
 SPLITS = ["test", "heldout"]
-STEPS = 9
+STEPS = 11
+STAGE2 = {  # run folder: what it is, its overrides on top of stage 2's
+    "lads": ("LADS (the gating network joins)", ["model.dense=false"]),
+    "static": ("the static control (gates that do not read the expression)",
+               ["model.dense=false", "model.gating.static=true"]),
+    "dense": ("the dense baseline", ["model.dense=true"]),
+}
 
 
 def add_arguments(parser):
@@ -45,39 +53,95 @@ def run(args):
         synth.generate(data, seed=args.seed, images=demo.images)
     else:
         print(f"[1/{STEPS}] reusing the synthetic benchmark in {data}")
+    budget = _budget(out, args.config, [*args.overrides, f"data.path={data}"])
+    overrides = [*args.overrides, *budget["overrides"]]
+    demo = load_config(args.config, overrides).demo
     visual = out / "pretrain" / WEIGHTS
     if not (out / "pretrain" / "meta.json").exists():
-        print(f"[2/{STEPS}] pre-training the visual backbone on the boxes of the training images, in {visual.parent}")
-        pretrain(load_config(args.config, [*args.overrides, f"data.path={data}", f"pretrain.out={visual.parent}"]))
+        print(f"[3/{STEPS}] pre-training the visual backbone on the boxes of the training images, in {visual.parent}")
+        pretrain(load_config(args.config, [*overrides, f"data.path={data}", f"pretrain.out={visual.parent}"]))
     else:
-        print(f"[2/{STEPS}] reusing the pre-trained visual backbone {visual}")
-    common = [*args.overrides, f"data.path={data}", f"model.visual.pretrained={visual}"]
-    shared = _stage(3, "stage 1: the dense network, shared by both models", out / "shared", args.config, [
+        print(f"[3/{STEPS}] reusing the pre-trained visual backbone {visual}")
+    common = [*overrides, f"data.path={data}", f"model.visual.pretrained={visual}"]
+    shared = _stage(4, "stage 1: the dense network, shared by the three models", out / "shared", args.config, [
         *common, "model.dense=true", f"train.max_steps={demo.shared_steps}", f"train.max_minutes={demo.shared_minutes}",
         "train.lr_drop_epoch=1000000", "train.epochs=1000000", f"model.layer_drop_fusion={demo.layer_drop_fusion}",
-        f"model.layer_drop_visual={demo.layer_drop_visual}"])
-    branch = [*common, f"model.init={shared}", "model.layer_drop_fusion=0", "model.layer_drop_visual=0",
-              f"train.max_steps={demo.steps}", f"train.max_minutes={demo.minutes}",
-              "train.epochs=1000000", f"train.warmup_epochs={demo.warmup_epochs}",
-              f"train.lr_drop_fraction={demo.lr_drop_fraction}"]
-    checkpoints = {
-        "lads": _stage(4, "stage 2: LADS (the gating network joins)", out / "lads", args.config,
-                       [*branch, "model.dense=false"]),
-        "dense": _stage(5, "stage 2: the dense baseline", out / "dense", args.config, [*branch, "model.dense=true"]),
-    }
-    print(f"[6/{STEPS}] evaluating both on", ", ".join(SPLITS))
-    rows = evaluate_checkpoints([checkpoints["lads"], checkpoints["dense"]], str(data), SPLITS)
+        f"model.layer_drop_visual={demo.layer_drop_visual}", f"model.filter_drop={demo.filter_drop}"])
+    branch = stage2_overrides(common, demo, shared)
+    checkpoints = {name: _stage(5 + i, f"stage 2: {what}", out / name, args.config, [*branch, *more])
+                   for i, (name, (what, more)) in enumerate(STAGE2.items())}
+    print(f"[8/{STEPS}] evaluating the three models on", ", ".join(SPLITS))
+    rows = evaluate_checkpoints(list(checkpoints.values()), str(data), SPLITS)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     table = markdown_table(rows)
     print(table)
-    print(f"[7/{STEPS}] predicting on a few test images")
+    print(f"[9/{STEPS}] predicting on a few test images")
     pictures = _predict_examples(checkpoints["lads"], data, out / "predictions")
-    print(f"[8/{STEPS}] drawing the subnets of the test expressions")
+    print(f"[10/{STEPS}] drawing the subnets of the test expressions")
     analysis = _analyze(checkpoints["lads"], data, out / "analysis")
-    print(f"[9/{STEPS}] learning curves and the report")
+    static = _static_statistics(checkpoints["static"], data)
+    print(f"[11/{STEPS}] learning curves and the report")
     curves = _curves(out)
-    report = _report(out, table, rows, pictures, analysis, curves, _stages(out), time.time() - started)
+    report = _report(out, table, rows, pictures, analysis, static, curves, _stages(out), budget,
+                     time.time() - started)
     print(f"report: {report}")
+
+
+def stage2_overrides(common: list[str], demo, shared: Path) -> list[str]:
+    """The overrides of every stage-2 run: from stage 1's weights ``shared``, no LayerDrop,
+    ``demo.steps`` steps with a short warm-up and the learning rates × 0.1 after
+    ``demo.lr_drop_fraction`` of them."""
+    return [*common, f"model.init={shared}", "model.layer_drop_fusion=0", "model.layer_drop_visual=0",
+            "model.filter_drop=0",
+            f"train.max_steps={demo.steps}", f"train.max_minutes={demo.minutes}",
+            "train.epochs=1000000", f"train.warmup_epochs={demo.warmup_epochs}",
+            f"train.lr_drop_fraction={demo.lr_drop_fraction}"]
+
+
+def _budget(out: Path, config: str, overrides: list[str]) -> dict:
+    """The steps of every stage (docs/design.md §5a, "A main job that uses its time"): with
+    ``demo.fit_to_machine``, the preset's steps × (``demo.reference_step_s`` / this machine's
+    seconds per training step, from a probe of a few steps; the factor rounded to a twentieth,
+    so that runs on one kind of machine mostly get the same steps, and kept within
+    [``MIN_SCALE``, ``MAX_SCALE``]), so that the job takes about as long on every machine as on
+    the reference one; else the steps as configured. Kept in ``budget.json``, so that a rerun
+    resumes with the same steps; the report gives the ``--set`` that repeats them."""
+    from lads.config import load_config
+    from lads.engine import step_seconds
+
+    path = out / "budget.json"
+    if path.exists():
+        budget = json.loads(path.read_text())
+        print(f"[2/{STEPS}] reusing the step budget of {path}: {_steps_line(budget)}")
+        return budget
+    cfg = load_config(config, overrides)
+    d, steps = cfg.demo, {"pretrain.steps": cfg.pretrain.steps, "demo.shared_steps": cfg.demo.shared_steps,
+                          "demo.steps": cfg.demo.steps}
+    budget = {"fitted": d.fit_to_machine, "reference_step_s": d.reference_step_s}
+    if d.fit_to_machine:
+        print(f"[2/{STEPS}] timing a few training steps to fit the step budgets to this machine")
+        budget["probe_step_s"] = step_seconds(cfg)
+        scale = round(d.reference_step_s / budget["probe_step_s"] * 20) / 20  # probes jitter by a few %
+        budget["scale"] = min(MAX_SCALE, max(MIN_SCALE, scale))
+        steps = {k: max(1, round(v * budget["scale"])) for k, v in steps.items()}
+    budget["steps"] = steps
+    budget["overrides"] = ["demo.fit_to_machine=false", *(f"{k}={v}" for k, v in steps.items())]
+    path.write_text(json.dumps(budget, indent=2))
+    print(f"[2/{STEPS}] step budget: {_steps_line(budget)}")
+    return budget
+
+
+MIN_SCALE, MAX_SCALE = 0.25, 8.0
+
+
+def _steps_line(budget: dict) -> str:
+    s = budget["steps"]
+    line = (f"{s['pretrain.steps']} pre-training steps, {s['demo.shared_steps']} in stage 1, "
+            f"{s['demo.steps']} for each model of stage 2")
+    if "probe_step_s" in budget:
+        line += (f" ({budget['probe_step_s']:.3f} s per training step here against "
+                 f"{budget['reference_step_s']:.3f} on the reference machine: × {budget['scale']:.2f})")
+    return line
 
 
 def _stage(number: int, what: str, run_dir: Path, config: str, overrides: list[str]) -> Path:
@@ -127,6 +191,17 @@ def _predict_examples(checkpoint, data: Path, out: Path, images: int = 4) -> lis
     return pictures
 
 
+def _static_statistics(checkpoint, data: Path) -> dict:
+    """The static control's subnet statistics on the test split (its dynamicity: none)."""
+    from lads.commands.analyze import subnet_statistics
+    from lads.datasets import load_records
+    from lads.models import LADS
+
+    records, _ = load_records(data, "test")
+    return subnet_statistics(LADS.from_pretrained(checkpoint), [r.expression for r in records],
+                             [r.expr_type for r in records], progress=False)[0]
+
+
 def _analyze(checkpoint, data: Path, out: Path) -> dict:
     from lads.commands.analyze import analyze
     from lads.datasets import load_records
@@ -137,7 +212,8 @@ def _analyze(checkpoint, data: Path, out: Path) -> dict:
                    [r.expr_type for r in records], out_dir=out, force=True, title="LADS subnets, synthetic test split")
 
 
-RUNS = {"shared": "stage 1: dense, shared", "lads": "stage 2: LADS", "dense": "stage 2: dense"}
+RUNS = {"shared": "stage 1: dense, shared", "lads": "stage 2: LADS", "static": "stage 2: static control",
+        "dense": "stage 2: dense"}
 
 
 def _stages(out: Path) -> list[dict]:
@@ -162,16 +238,18 @@ def _stage_row(run: str, what: str, steps: int, budget, batch: int, seconds: flo
 
 
 def _curves(out: Path) -> Path:
-    """Val Prec@0.5 against training minutes: stage 1, then both branches of stage 2."""
+    """Val Prec@0.5 against training minutes: stage 1, then the three branches of stage 2."""
     from lads.analysis.curves import plot_curves
 
     offset = json.loads((out / "shared" / "checkpoint" / "meta.json").read_text()).get("train_s", 0.0) / 60
     logs = {"stage 1 (dense)": (out / "shared" / "log.jsonl", 0.0),
-            "LADS": (out / "lads" / "log.jsonl", offset), "dense": (out / "dense" / "log.jsonl", offset)}
+            **{RUNS[name].removeprefix("stage 2: "): (out / name / "log.jsonl", offset) for name in STAGE2}}
     return plot_curves(logs, out / "curves.png", title="lads demo: val Prec@0.5 while training")
 
 
-def _report(out: Path, table: str, rows, pictures, analysis, curves: Path, stages, seconds) -> Path:
+def _report(out: Path, table: str, rows, pictures, analysis, static: dict, curves: Path, stages, budget: dict,
+            seconds) -> Path:
+    from lads.analysis.report import dynamicity_table, markdown
     from lads.util.dist import device_name, local_device
 
     lines = [
@@ -186,6 +264,9 @@ def _report(out: Path, table: str, rows, pictures, analysis, curves: Path, stage
         "Checkpoints: " + ", ".join(f"`{r['checkpoint']}`" for r in rows),
         "",
         "## Training",
+        "",
+        f"Step budget: {_steps_line(budget)}. To repeat these steps: `lads demo "
+        + " ".join(f"--set {o}" for o in budget["overrides"]) + "`.",
         "",
         "| stage | steps | samples | minutes | samples/s | precision |",
         "|---|---|---|---|---|---|",
@@ -206,6 +287,11 @@ def _report(out: Path, table: str, rows, pictures, analysis, curves: Path, stage
                 lines.append(f"- {r['name']}, {split}, by expression type: {kinds}")
     lines += ["", "## Predictions (LADS, extracted subnets)", ""]
     lines += [f"![{p.stem}]({p.relative_to(out)})" for p in pictures]
+    lines += ["", "## Do the subnets follow the expression? (test split)", "",
+              markdown(*dynamicity_table({"LADS": analysis["stats"], "static control": static})), "",
+              "Per expression type (LADS): " + "; ".join(
+                  f"{t}: {d['layers_varying']} layers varying, FLOPs {d['flops']['mean']:.2f} ± {d['flops']['std']:.2f}"
+                  for t, d in analysis["stats"].get("dynamicity_by_type", {}).items()) + "."]
     lines += ["", "## The subnets (test split)", "",
               f"Full report: `{Path(analysis['report']).relative_to(out)}`; numbers: "
               f"`{Path(analysis['stats_path']).relative_to(out)}`.", ""]

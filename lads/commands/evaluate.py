@@ -45,7 +45,8 @@ def evaluate_checkpoints(checkpoints, data=None, splits=None, mode="subnet", bat
             results[split] = evaluate(model, dataset, batch_size, mode if not cfg.model.dense else "dense",
                                       amp=DTYPES[dtype])
         run = Path(ckpt).parent if Path(ckpt).name == "checkpoint" else Path(ckpt)
-        name = ("dense" if cfg.model.dense else "LADS") + f" ({run.name})"
+        kind = "dense" if cfg.model.dense else "static control" if cfg.model.gating.static else "LADS"
+        name = f"{kind} ({run.name})"
         rows.append({"name": name, "checkpoint": str(ckpt), "mode": mode, "device": dist.device_name(device),
                      "dtype": "float32" if dtype == "fp32" else f"{dtype} autocast",
                      "threads": torch.get_num_threads(), "splits": results})

@@ -125,9 +125,14 @@ class Gates:
 
 
 class GatingNetwork(nn.Module):
-    """Relevance scores from linguistic features (Eqs. 1-3), all candidate layers at once."""
+    """Relevance scores from linguistic features (Eqs. 1-3), all candidate layers at once.
 
-    def __init__(self, layout: GateLayout, text_dim: int, hidden: int, bias_init: float):
+    ``static``: the static control (docs/design.md §5c). The network reads a learned constant
+    token in place of ``F_l``, so every expression gets the same gates, and its weights move
+    those gates as fast as LADS's weights move its own: one mask learned under the same training.
+    """
+
+    def __init__(self, layout: GateLayout, text_dim: int, hidden: int, bias_init: float, static: bool = False):
         super().__init__()
         k = len(layout.candidates)
         self.register_buffer("layer_owner", torch.tensor(layout.layer_owner), persistent=False)
@@ -143,6 +148,8 @@ class GatingNetwork(nn.Module):
         nn.init.uniform_(self.w1, -bound, bound)
         nn.init.uniform_(self.w2, -(1 / hidden**0.5), 1 / hidden**0.5)
         nn.init.uniform_(self.w3, -(1 / hidden**0.5), 1 / hidden**0.5)
+        # unit variance per feature, as the LayerNorm output F_l of BERT has
+        self.constant = nn.Parameter(torch.randn(1, 1, text_dim)) if static else None
 
     def attention(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """α_i of Eq. 1: (B, K, L), a softmax over the valid tokens."""
@@ -150,7 +157,12 @@ class GatingNetwork(nn.Module):
         return scores.masked_fill(~text_mask[:, None, :], float("-inf")).softmax(-1)
 
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor):
-        """Returns relevance scores ``Gates(r_L, r_C)`` and the attention weights α."""
+        """Returns relevance scores ``Gates(r_L, r_C)`` and the attention weights α over the
+        expression's tokens (None for the static control, which reads none)."""
+        static = self.constant is not None
+        if static:  # one token, the same for every expression
+            text = self.constant.expand(text.shape[0], 1, -1)
+            text_mask = text_mask.new_ones(text.shape[0], 1)
         with full_precision(text):
             text = text.float()
             alpha = self.attention(text, text_mask)
@@ -158,7 +170,7 @@ class GatingNetwork(nn.Module):
             z = F.gelu(torch.einsum("bkd,kdh->bkh", h, self.w1) + self.b1)  # δ(W_1^i h_i)
             r_layer = torch.einsum("bgh,gh->bg", z[:, self.layer_owner], self.w2) + self.b2
             r_filter = torch.einsum("bgh,gh->bg", z[:, self.filter_owner], self.w3) + self.b3
-        return Gates(r_layer, r_filter), alpha
+        return Gates(r_layer, r_filter), None if static else alpha
 
 
 def straight_through(r: torch.Tensor) -> torch.Tensor:
