@@ -39,9 +39,6 @@ ARMS = {  # name: (what it is, overrides on top of stage 2's)
     "dense": ("dense baseline", STAGE2["dense"][1]),
     "mi1": ("LADS, λ_mi 1", [*STAGE2["lads"][1], "model.loss.mi=1"]),
     "mi3": ("LADS, λ_mi 3", [*STAGE2["lads"][1], "model.loss.mi=3"]),
-    "mi3-bias3": ("LADS, λ_mi 3, gating bias_init 3", [*STAGE2["lads"][1], "model.loss.mi=3",
-                                                      "model.gating.bias_init=3"]),
-    "mi3-lrg": ("LADS, λ_mi 3, gating lr 2e-3", [*STAGE2["lads"][1], "model.loss.mi=3", "train.lr_gating=2e-3"]),
 }
 
 

@@ -150,7 +150,6 @@ class TrainConfig:
     lr: float = 1e-4
     lr_backbone: float = 1e-5  # visual and text backbones
     lr_visual: Optional[float] = None  # visual backbone, if not lr_backbone (one trained from scratch)
-    lr_gating: Optional[float] = None  # gating network, if not lr
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     clip_grad: float = 0.1  # max gradient norm; 0 disables
@@ -184,15 +183,16 @@ class PretrainConfig:
 @dataclass
 class DemoConfig:
     """``lads demo``'s schedule (docs/design.md §5a): synthetic images, then dense training shared
-    by both models, then each model's own training from it (LADS: the gates join). Budgets are
-    steps, so a run's figures do not depend on the machine's speed, unless a stage reaches its cap
-    in minutes first (the pre-training's: ``pretrain.steps``, ``pretrain.max_minutes``)."""
+    by the three models, then each model's own training from it (LADS and the static control: the
+    gates join). Budgets are steps, scaled once by the machine's speed (``fit_to_machine``), so a
+    run's figures do not depend on the machine's load, unless a stage reaches its cap in minutes
+    first (the pre-training's: ``pretrain.steps``, ``pretrain.max_minutes``)."""
 
     images: int = 4000  # train/val/test images; held-out ones are added
     fit_to_machine: bool = True  # scale every stage's steps by reference_step_s / this machine's (a probe)
     reference_step_s: float = 0.80  # seconds per tiny training step where the steps below take ~25 minutes
-    shared_steps: int = 680  # stage 1: the dense network, once, for both models
-    steps: int = 360  # stage 2: LADS (gates on) and dense, each from stage 1
+    shared_steps: int = 580  # stage 1: the dense network, once, for the three models
+    steps: int = 270  # stage 2: LADS (gates on), the static control and dense, each from stage 1
     shared_minutes: float = 9.5  # caps on the stages' time: a slower machine stops there, with fewer steps
     minutes: float = 5.75
     warmup_epochs: float = 0.1  # stage 2 starts from trained weights: a short warm-up

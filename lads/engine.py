@@ -84,14 +84,13 @@ def rank_micro_batches(perm, batch, step_in_epoch, micro, accumulation, rank):
 
 def build_optimizer(model, cfg) -> torch.optim.Optimizer:
     """AdamW with the paper's groups: ``lr_backbone`` for both backbones, ``lr`` for the rest
-    (``lr_visual``, when set, for the visual backbone; ``lr_gating`` for the gating network)."""
-    groups = {"rest": [], "visual_backbone": [], "text_backbone": [], "gating": []}
+    (``lr_visual``, when set, for the visual backbone)."""
+    groups = {"rest": [], "visual_backbone": [], "text_backbone": []}
     for name, p in model.named_parameters():
         if p.requires_grad:
             groups.get(name.split(".")[0], groups["rest"]).append(p)
     lrs = {"rest": cfg.lr, "text_backbone": cfg.lr_backbone,
-           "visual_backbone": cfg.lr_backbone if cfg.lr_visual is None else cfg.lr_visual,
-           "gating": cfg.lr if cfg.lr_gating is None else cfg.lr_gating}
+           "visual_backbone": cfg.lr_backbone if cfg.lr_visual is None else cfg.lr_visual}
     groups = [{"params": params, "lr": lrs[name]} for name, params in groups.items()]
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay, foreach=True)
 

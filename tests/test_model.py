@@ -368,19 +368,3 @@ def test_positions_are_fractions_of_the_padded_square():
     expected = torch.tensor(half(y) + half(x), dtype=torch.float64)
     torch.testing.assert_close(pos[0, i * w + j].double(), expected, atol=1e-6, rtol=0)
 
-
-def test_optimizer_groups_and_their_learning_rates(make_tiny):
-    """``train.lr_gating`` moves the gating network's learning rate alone; unset, it is ``lr``."""
-    from lads.config import TrainConfig
-    from lads.engine import build_optimizer
-
-    model = make_tiny()
-    gating = {id(p) for p in model.gating.parameters()}
-    for lr_gating, expected in ((None, 5e-4), (2e-3, 2e-3)):
-        optimizer = build_optimizer(model, TrainConfig(lr=5e-4, lr_backbone=1e-5, lr_gating=lr_gating))
-        lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
-        assert {lrs[i] for i in gating} == {expected}
-        assert lrs[id(model.fusion.layers[0].linear1.weight)] == 5e-4
-        assert lrs[id(next(model.visual_backbone.parameters()))] == 1e-5
-        assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(
-            1 for p in model.parameters() if p.requires_grad)
