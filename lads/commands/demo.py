@@ -78,8 +78,7 @@ def run(args):
     print(f"[9/{STEPS}] predicting on a few test images")
     pictures = _predict_examples(checkpoints["lads"], data, out / "predictions")
     print(f"[10/{STEPS}] drawing the subnets of the test expressions")
-    analysis = _analyze(checkpoints["lads"], data, out / "analysis")
-    static = _static_statistics(checkpoints["static"], data)
+    analysis, static = _analyze(checkpoints["lads"], checkpoints["static"], data, out / "analysis")
     print(f"[11/{STEPS}] learning curves and the report")
     curves = _curves(out)
     report = _report(out, table, rows, pictures, analysis, static, curves, _stages(out), budget,
@@ -96,6 +95,9 @@ def stage2_overrides(common: list[str], demo, shared: Path) -> list[str]:
             f"train.max_steps={demo.steps}", f"train.max_minutes={demo.minutes}",
             "train.epochs=1000000", f"train.warmup_epochs={demo.warmup_epochs}",
             f"train.lr_drop_fraction={demo.lr_drop_fraction}"]
+
+
+MIN_SCALE, MAX_SCALE = 0.25, 8.0  # bounds of the step budgets' factor
 
 
 def _budget(out: Path, config: str, overrides: list[str]) -> dict:
@@ -129,9 +131,6 @@ def _budget(out: Path, config: str, overrides: list[str]) -> dict:
     path.write_text(json.dumps(budget, indent=2))
     print(f"[2/{STEPS}] step budget: {_steps_line(budget)}")
     return budget
-
-
-MIN_SCALE, MAX_SCALE = 0.25, 8.0
 
 
 def _steps_line(budget: dict) -> str:
@@ -191,25 +190,18 @@ def _predict_examples(checkpoint, data: Path, out: Path, images: int = 4) -> lis
     return pictures
 
 
-def _static_statistics(checkpoint, data: Path) -> dict:
-    """The static control's subnet statistics on the test split (its dynamicity: none)."""
-    from lads.commands.analyze import subnet_statistics
+def _analyze(lads_checkpoint, static_checkpoint, data: Path, out: Path) -> tuple[dict, dict]:
+    """``lads analyze`` of LADS on the test split, and the static control's subnet statistics
+    there (its dynamicity: none)."""
+    from lads.commands.analyze import analyze, subnet_statistics
     from lads.datasets import load_records
     from lads.models import LADS
 
     records, _ = load_records(data, "test")
-    return subnet_statistics(LADS.from_pretrained(checkpoint), [r.expression for r in records],
-                             [r.expr_type for r in records], progress=False)[0]
-
-
-def _analyze(checkpoint, data: Path, out: Path) -> dict:
-    from lads.commands.analyze import analyze
-    from lads.datasets import load_records
-    from lads.models import LADS
-
-    records, _ = load_records(data, "test")
-    return analyze(LADS.from_pretrained(checkpoint), [r.expression for r in records],
-                   [r.expr_type for r in records], out_dir=out, force=True, title="LADS subnets, synthetic test split")
+    expressions, types = [r.expression for r in records], [r.expr_type for r in records]
+    analysis = analyze(LADS.from_pretrained(lads_checkpoint), expressions, types, out_dir=out, force=True,
+                       title="LADS subnets, synthetic test split")
+    return analysis, subnet_statistics(LADS.from_pretrained(static_checkpoint), expressions, types, progress=False)[0]
 
 
 RUNS = {"shared": "stage 1: dense, shared", "lads": "stage 2: LADS", "static": "stage 2: static control",
