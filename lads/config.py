@@ -190,7 +190,7 @@ class DemoConfig:
 
     images: int = 4000  # train/val/test images; held-out ones are added
     fit_to_machine: bool = True  # scale every stage's steps by reference_step_s / this machine's (a probe)
-    reference_step_s: float = 0.80  # seconds per tiny training step where the steps below take ~25 minutes
+    reference_step_s: float = 0.80  # seconds per tiny training step where the steps below take ~30 minutes
     shared_steps: int = 580  # stage 1: the dense network, once, for the three models
     steps: int = 270  # stage 2: LADS (gates on), the static control and dense, each from stage 1
     shared_minutes: float = 9.5  # caps on the stages' time: a slower machine stops there, with fewer steps
