@@ -16,6 +16,7 @@ the running stage's checkpoint.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -91,8 +92,7 @@ def stage2_overrides(common: list[str], demo, shared: Path) -> list[str]:
     ``demo.steps`` steps with a short warm-up and the learning rates × 0.1 after
     ``demo.lr_drop_fraction`` of them."""
     return [*common, f"model.init={shared}", "model.layer_drop_fusion=0", "model.layer_drop_visual=0",
-            "model.filter_drop=0",
-            f"train.max_steps={demo.steps}", f"train.max_minutes={demo.minutes}",
+            "model.filter_drop=0", f"train.max_steps={demo.steps}", f"train.max_minutes={demo.minutes}",
             "train.epochs=1000000", f"train.warmup_epochs={demo.warmup_epochs}",
             f"train.lr_drop_fraction={demo.lr_drop_fraction}"]
 
@@ -128,7 +128,9 @@ def _budget(out: Path, config: str, overrides: list[str]) -> dict:
         steps = {k: max(1, round(v * budget["scale"])) for k, v in steps.items()}
     budget["steps"] = steps
     budget["overrides"] = ["demo.fit_to_machine=false", *(f"{k}={v}" for k, v in steps.items())]
-    path.write_text(json.dumps(budget, indent=2))
+    tmp = path.with_suffix(".tmp")  # a run killed here leaves no half-written budget to reuse
+    tmp.write_text(json.dumps(budget, indent=2))
+    os.replace(tmp, path)
     print(f"[2/{STEPS}] step budget: {_steps_line(budget)}")
     return budget
 
