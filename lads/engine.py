@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import signal
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -29,7 +31,7 @@ from lads.errors import LadsError
 from lads.util import dist
 from lads.util.amp import autocast, grad_scaler, resolve_amp
 from lads.util.checkpoint import (init_weights, load_training_state, load_weights, read_meta,
-                                  restored_model_config, save_checkpoint)
+                                  remove_partial_writes, restored_model_config, save_checkpoint)
 
 
 def mix_seed(*parts: int) -> int:
@@ -64,6 +66,15 @@ class SeededSamples(Dataset):
         np.random.seed(s % (1 << 32))
         torch.manual_seed(s)
         return self.dataset[index]
+
+
+SOFT_HARD = 1 << 40  # salts the soft/hard draw's seed apart from every micro-batch's (seed, step, index)
+
+
+def soft_hard_draw(seed: int, step: int) -> float:
+    """Eq. 5's ``n_s ~ U(0, 1)`` of optimizer step ``step``: one for the whole global batch (its
+    micro-batches and ranks alike), as the paper draws one per training batch."""
+    return torch.rand((), generator=torch.Generator().manual_seed(mix_seed(seed, step, SOFT_HARD))).item()
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
@@ -126,7 +137,7 @@ def load_split(cfg: Config, split: str, train: bool, tokenizer):
             raise LadsError(f"{cfg.data.path}: split {split!r} holds no usable expression")
     return RecDataset(
         records, tokenizer, cfg.model.image_size, cfg.model.text.max_tokens,
-        train=train and cfg.data.augment, augment=Augment(crop=cfg.data.crop, hue=cfg.data.hue),
+        train=train and cfg.data.augment, augment=Augment(crop=cfg.data.crop, hue=cfg.data.hue), skip_bad=train,
     )
 
 
@@ -245,7 +256,11 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        remove_partial_writes(out / "checkpoint")
+        if resume:
+            _forget_steps_after(out / "log.jsonl", step)
     log = MetricLog(out, dist.is_main())
+    bad_images = BadImages(cfg.data.max_bad_images)
     bar = _Progress(total_steps, step, None if t.max_steps else t.max_minutes, trained_s, enabled=dist.is_main())
     start, last_log, samples_since = time.time() - trained_s, time.time(), 0
     status = "finished"
@@ -281,71 +296,80 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
         dist.barrier()
 
     model.train()
-    with StopFlag() as stop:
-        loader_epoch, batches = None, None
-        while step < total_steps:
-            epoch, in_epoch = divmod(step, steps_per_epoch)
-            if loader_epoch != epoch:
-                batches = iter(_epoch_loader(dataset, cfg, epoch, in_epoch, steps_per_epoch, accumulation, rank))
-                loader_epoch = epoch
-            terms_sum, gate_rates = {}, []
-            for a in range(accumulation):
-                batch = to_device(next(batches), device)
-                torch.manual_seed(mix_seed(t.seed, step, rank * accumulation + a))
-                sync = nullcontext() if (world == 1 or a == accumulation - 1) else ddp.no_sync()
-                with sync, autocast(device, amp):
-                    outputs = ddp(batch["image"], batch["pixel_mask"], batch["input_ids"], batch["attention_mask"])
-                    terms = model.loss(outputs, batch["box"])
-                    scaler.scale(terms["loss"] / accumulation).backward()
-                for k, v in terms.items():
-                    terms_sum[k] = terms_sum.get(k, 0.0) + v.item() / accumulation
-                if outputs["gates"] is not None:
-                    gate_rates.append((outputs["gates"].layer.mean().item(), outputs["gates"].filter.mean().item()))
-            if not _all_finite(terms_sum["loss"], device):
-                status = f"stopped: non-finite loss at step {step}; the last good checkpoint is kept"
-                break
-            scaler.unscale_(optimizer)
-            if t.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
-            scaler.step(optimizer)  # skipped, for fp16, when a gradient overflowed
-            scaler.update()
-            if _time_to_drop(t, time.time() - start, device) and step + 1 < schedule["drop"]:
-                schedule["drop"] = step + 1  # the learning rates of the next step on are × 0.1
-            with warnings.catch_warnings():  # the schedule counts steps, skipped (fp16) or not
-                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            samples_since += t.batch_size
-            bar.update(step, time.time() - start)
-            if dist.is_main() and (step % t.log_every == 0 or step == total_steps):
-                now = time.time()
-                record = {"step": step, "epoch": round(step / steps_per_epoch, 3), **terms_sum,
-                          "lr": optimizer.param_groups[0]["lr"], "samples_per_s": samples_since / (now - last_log),
-                          "train_s": round(now - start, 1)}
-                if gate_rates:
-                    record["open_layers"] = float(np.mean([r[0] for r in gate_rates]))
-                    record["open_filters"] = float(np.mean([r[1] for r in gate_rates]))
-                log.write(record)
-                bar.postfix(step=step, loss=f"{terms_sum['loss']:.3f}")
-                last_log, samples_since = now, 0
-            out_of_time = t.max_minutes is not None and time.time() - start > 60 * t.max_minutes
-            reason = _agree_to_stop(stop.signal, out_of_time, device)
-            if eval_steps and (step % eval_steps == 0 or step == total_steps or reason == "time budget"):
-                validate()
-            if reason:
-                status = f"stopped by {reason} at step {step}"
-                checkpoint(reason)
-                break
-            if step % t.checkpoint_every == 0 and step < total_steps:
-                checkpoint("periodic")
-        else:
-            checkpoint("finished")
-    bar.close()
-    log.close()
+    try:
+        with StopFlag() as stop:
+            loader_epoch, batches = None, None
+            while step < total_steps:
+                epoch, in_epoch = divmod(step, steps_per_epoch)
+                if loader_epoch != epoch:
+                    batches = iter(_epoch_loader(dataset, cfg, epoch, in_epoch, steps_per_epoch, accumulation, rank))
+                    loader_epoch = epoch
+                terms_sum, gate_rates = {}, []
+                n_s = soft_hard_draw(t.seed, step)
+                for a in range(accumulation):
+                    batch = to_device(next(batches), device)
+                    bad_images.note(batch["meta"], step, log)
+                    torch.manual_seed(mix_seed(t.seed, step, rank * accumulation + a))
+                    sync = nullcontext() if (world == 1 or a == accumulation - 1) else ddp.no_sync()
+                    with sync, autocast(device, amp):
+                        outputs = ddp(batch["image"], batch["pixel_mask"], batch["input_ids"], batch["attention_mask"],
+                                      n_s=n_s)
+                        terms = model.loss(outputs, batch["box"])
+                        scaler.scale(terms["loss"] / accumulation).backward()
+                    for k, v in terms.items():
+                        terms_sum[k] = terms_sum.get(k, 0.0) + v.item() / accumulation
+                    if outputs["gates"] is not None:
+                        gate_rates.append((outputs["gates"].layer.mean().item(), outputs["gates"].filter.mean().item()))
+                if _max_over_ranks(float(bad_images.too_many()), device) > 0:  # every rank stops
+                    status = f"stopped: {bad_images.summary()}"
+                    checkpoint("unreadable images")
+                    break
+                if not _all_finite(terms_sum["loss"], device):
+                    status = f"stopped: non-finite loss at step {step}; the last good checkpoint is kept"
+                    break
+                scaler.unscale_(optimizer)
+                if t.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
+                scaler.step(optimizer)  # skipped, for fp16, when a gradient overflowed
+                scaler.update()
+                if _time_to_drop(t, time.time() - start, device) and step + 1 < schedule["drop"]:
+                    schedule["drop"] = step + 1  # the learning rates of the next step on are × 0.1
+                with warnings.catch_warnings():  # the schedule counts steps, skipped (fp16) or not
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                samples_since += t.batch_size
+                bar.update(step, time.time() - start)
+                if dist.is_main() and (step % t.log_every == 0 or step == total_steps):
+                    now = time.time()
+                    record = {"step": step, "epoch": round(step / steps_per_epoch, 3), **terms_sum,
+                              "lr": optimizer.param_groups[0]["lr"], "samples_per_s": samples_since / (now - last_log),
+                              "train_s": round(now - start, 1)}
+                    if gate_rates:
+                        record["open_layers"] = float(np.mean([r[0] for r in gate_rates]))
+                        record["open_filters"] = float(np.mean([r[1] for r in gate_rates]))
+                    log.write(record)
+                    bar.postfix(step=step, loss=f"{terms_sum['loss']:.3f}")
+                    last_log, samples_since = now, 0
+                out_of_time = t.max_minutes is not None and time.time() - start > 60 * t.max_minutes
+                reason = _agree_to_stop(stop.signal, out_of_time, device)
+                if eval_steps and (step % eval_steps == 0 or step == total_steps or reason == "time budget"):
+                    validate()
+                if reason:
+                    status = f"stopped by {reason} at step {step}"
+                    checkpoint(reason)
+                    break
+                if step % t.checkpoint_every == 0 and step < total_steps:
+                    checkpoint("periodic")
+            else:
+                checkpoint("finished")
+    finally:  # a failed checkpoint write ends the bar before its error is printed
+        bar.close()
+        log.close()
     if dist.is_main():
         print(f"training {status}; checkpoint: {out / 'checkpoint'}")
-    if status.startswith("stopped: non-finite"):
+    if status.startswith("stopped: "):
         raise LadsError(f"training {status}")
     return out / "checkpoint"
 
@@ -384,6 +408,26 @@ def step_seconds(cfg: Config, steps: int = 5, warmup: int = 2) -> float:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - began)
     return float(np.median(times[warmup:]))
+
+
+def _forget_steps_after(log: Path, step: int) -> None:
+    """Drop the log records of steps after ``step`` (a resumed run trains them again), and a
+    line cut short by a kill."""
+    if not log.exists():
+        return
+
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except ValueError:
+            return False
+
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if keep(line)]
+    if len(kept) < len(lines):
+        tmp = log.with_name(log.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, log)
 
 
 def _drop_step(t, steps_per_epoch: int) -> int:
@@ -427,7 +471,7 @@ def _epoch_loader(dataset, cfg, epoch, first_step, steps_per_epoch, accumulation
     t = cfg.train
     plan = EpochPlan(dataset.order(epoch), epoch, range(first_step, steps_per_epoch), t.batch_size, t.micro_batch,
                      accumulation, rank)
-    workers = cfg.data.num_workers
+    workers = dist.loader_workers(cfg.data.num_workers)
     return DataLoader(dataset, batch_sampler=plan, collate_fn=collate, num_workers=workers,
                       persistent_workers=False, prefetch_factor=4 if workers else None)
 
@@ -468,6 +512,30 @@ def _max_over_ranks(value: float, device) -> float:
     if dist.is_distributed():
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return flag.item()
+
+
+class BadImages:
+    """Training images that could not be read mid-epoch (``RecDataset(skip_bad=True)`` served
+    the next one): each named once on stderr and in the log; more than ``limit`` stop the run."""
+
+    def __init__(self, limit: int):
+        self.limit, self.seen = limit, {}
+
+    def note(self, metas: list[dict], step: int, log: "MetricLog"):
+        for image, reason in (s for meta in metas for s in meta.get("skipped", ())):
+            if image not in self.seen:
+                self.seen[image] = reason
+                print(f"skipped an unreadable training image ({len(self.seen)} so far; data.max_bad_images="
+                      f"{self.limit}): {image}: {reason}", file=sys.stderr)
+                log.write({"step": step, "skipped_image": image, "reason": reason})
+
+    def too_many(self) -> bool:
+        return len(self.seen) > self.limit
+
+    def summary(self) -> str:
+        first = next(iter(self.seen.items()))
+        return (f"{len(self.seen)} training images could not be read, more than data.max_bad_images="
+                f"{self.limit} (the first: {first[0]}: {first[1]}); fix or remove them, or raise the limit")
 
 
 class _Progress:

@@ -49,6 +49,39 @@ def test_per_batch_granularity_mixes_soft_and_hard_batches():
     assert 8 <= sum(kinds) <= 32  # p = 0.5: both kinds, in plausible numbers
 
 
+def test_given_draw_decides_soft_or_hard():
+    """A given n_s (the engine's one per optimizer step) decides: ≥ 0.5 soft, below hard."""
+    r = Gates(torch.randn(8, 12), torch.randn(8, 50))
+    for n_s, hard in ((0.7, False), (0.5, False), (0.2, True)):
+        g, _ = binary_gates(r, training=True, granularity="batch", n_s=n_s)
+        assert bool(is_hard(g.layer).all() and is_hard(g.filter).all()) == hard
+
+
+def test_engine_draws_soft_or_hard_once_per_optimizer_step(tmp_path, tiny_text_dir, synth_data, monkeypatch):
+    """Eq. 5's n_s is one per training batch (the paper), not one per micro-batch: with two
+    micro-batches per step both get the step's draw (``soft_hard_draw(seed, step)``, the same on
+    every rank by construction), and the draws differ from step to step."""
+    from helpers import engine_overrides
+
+    import lads.models.lads as lads_model
+    from lads.config import load_config
+    from lads.engine import soft_hard_draw, train
+
+    seen = []
+
+    def recording(relevance, training, granularity="batch", n_s=None):
+        seen.append(n_s)
+        return binary_gates(relevance, training, granularity, n_s)
+
+    monkeypatch.setattr(lads_model, "binary_gates", recording)
+    cfg = load_config("tiny", engine_overrides(tiny_text_dir, synth_data, tmp_path / "run") + [
+        "train.max_steps=4", "train.epochs=100", "train.batch_size=8", "train.micro_batch=4",
+        "train.checkpoint_every=1000"])
+    train(cfg)
+    assert seen == [soft_hard_draw(cfg.train.seed, step) for step in range(4) for _ in range(2)]
+    assert len(set(seen)) == 4
+
+
 def test_per_element_granularity_mixes_inside_one_batch():
     """Per element: one batch holds about half exact 0/1 gates and half fractional gates."""
     torch.manual_seed(1)

@@ -308,6 +308,46 @@ def test_runner_never_serves_a_stale_subnet(make_model):
     assert (again["boxes"] - first["boxes"]).abs().max() > 1e-4
 
 
+OPTIMIZERS = {
+    "AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
+    "AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=True),
+    "AdamW for-loop": lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=False),
+    "SGD fused": lambda ps: torch.optim.SGD(ps, lr=1e-1, fused=True),
+    "SGD foreach": lambda ps: torch.optim.SGD(ps, lr=1e-1, foreach=True),
+    "SGD for-loop": lambda ps: torch.optim.SGD(ps, lr=1e-1, foreach=False),
+}
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_no_stale_subnet_after_any_optimizer_step(make_model, optimizer):
+    """Fused optimizers write the weights without incrementing their version counters: the
+    runner and a subnet kept from ``extract_subnet`` still see the step (a global step hook) and
+    give the boxes of the new weights, those of the masked supernet."""
+    model = copy.deepcopy(make_model("tiny", extra=("model.gating.bias_init=0.0",)))
+    args = inputs(model, batch=3, seed=4)
+    runner = SubnetRunner(model)
+    gates = random_gates(model.layout, 0.6, generator=torch.Generator().manual_seed(1))
+    kept = extract_subnet(model, gates, fold_bn=True)
+    with torch.no_grad():
+        text, text_mask = model.encode_text(*args[2:])
+    first, kept_first = runner(*args), kept(args[0][:1], args[1][:1], text[:1], text_mask[:1])
+    params = [p for n, p in model.named_parameters() if not n.startswith(("text_backbone", "gating"))]
+    step = OPTIMIZERS[optimizer](params)
+    g = torch.Generator().manual_seed(2)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    step.step()
+    again = runner(*args)
+    assert again["cache"]["hits"] == 0 and again["cache"]["misses"] > 0
+    torch.testing.assert_close(again["boxes"], runner(*args, mode="masked")["boxes"], atol=ATOL, rtol=0)
+    assert (again["boxes"] - first["boxes"]).abs().max() > 1e-4
+    with torch.no_grad():
+        kept_again = kept(args[0][:1], args[1][:1], text[:1], text_mask[:1])["boxes"]
+        masked = model.ground(args[0][:1], args[1][:1], text[:1], text_mask[:1], gates)["boxes"]
+    torch.testing.assert_close(kept_again, masked, atol=ATOL, rtol=0)
+    assert (kept_again - kept_first["boxes"]).abs().max() > 1e-4
+
+
 def test_cache_stays_within_its_byte_bound(make_model):
     model = make_model("tiny", extra=("model.gating.bias_init=0.0",))
     sizes = [extract_subnet(model, random_gates(model.layout, 0.5, generator=torch.Generator().manual_seed(i)),

@@ -39,7 +39,7 @@ from lads.datasets.transforms import eval_transform, rotate_hue
 from lads.errors import LadsError
 from lads.models.backbone import VisualBackbone
 from lads.util.amp import autocast, grad_scaler, resolve_amp
-from lads.util.dist import local_device
+from lads.util.dist import loader_workers, local_device
 
 WEIGHTS, META = "visual.safetensors", "meta.json"
 COLOUR_KEYS = ("colour", "color")  # attributes that a hue rotation makes untrue
@@ -204,7 +204,7 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
     optimizer = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
     scaler = grad_scaler(device, amp)
     loader = DataLoader(dataset, p.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
-                        num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(p.seed))
+                        num_workers=loader_workers(cfg.data.num_workers), generator=torch.Generator().manual_seed(p.seed))
     out.mkdir(parents=True, exist_ok=True)
     log = MetricLog(out, enabled=True)
     names = {f"acc_{k}": f"acc_{name}" for k, name in enumerate(dataset.heads)}

@@ -24,17 +24,22 @@ class RecDataset(Dataset):
 
     An image that is missing or unreadable, or a box outside its image, raises
     ``RecordError`` (a ``LadsError``) naming the record and the file; ``check_images``
-    finds them all up front.
+    finds them all up front. With ``skip_bad`` (training) the item is the next readable one
+    instead, and ``meta["skipped"]`` lists the unreadable ones as ``(image, reason)``: a file
+    that breaks in the middle of an epoch is counted by the engine, not fatal.
     """
 
+    SKIP_TRIES = 16  # unreadable items in a row before skip_bad gives up
+
     def __init__(self, records: list[Record] | Records, tokenizer, image_size: int, max_tokens: int = 40,
-                 train: bool = False, augment: Augment | None = None):
+                 train: bool = False, augment: Augment | None = None, skip_bad: bool = False):
         self.records = records if isinstance(records, Records) else list(records)  # a table stays one
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.max_tokens = max_tokens
         self.train = train
         self.augment = augment or Augment()
+        self.skip_bad = skip_bad
 
     def __len__(self) -> int:
         return len(self.records)
@@ -49,6 +54,17 @@ class RecDataset(Dataset):
             raise RecordError(f"{record.source}, image {record.image}", str(e)) from None
 
     def __getitem__(self, index: int) -> dict:
+        skipped = []
+        for tries in range(self.SKIP_TRIES if self.skip_bad else 1):
+            try:
+                return self.item(index, skipped)
+            except RecordError as e:
+                if not self.skip_bad or tries == self.SKIP_TRIES - 1:
+                    raise
+                skipped.append((self.records[index].image, e.reason))
+                index = (index + 1) % len(self.records)
+
+    def item(self, index: int, skipped: list | None = None) -> dict:
         record = self.records[index]
         img, box = self.load(index)
         if self.train:
@@ -57,7 +73,7 @@ class RecDataset(Dataset):
             out = eval_transform(img, box, record.expression, self.image_size)
         image, pixel_mask, target, text, meta = out
         tokens = self.tokenizer(text, max_length=self.max_tokens, truncation=True)
-        meta.update(index=index, record=record, text=text)
+        meta.update(index=index, record=record, text=text, skipped=skipped or [])
         return {
             "image": image,
             "pixel_mask": pixel_mask,

@@ -170,8 +170,10 @@ class VisualBackbone(nn.Module):
 
 def _read_state_dict(source: str) -> dict:
     if source.startswith(("http://", "https://")):
-        obj = torch.hub.load_state_dict_from_url(source, map_location="cpu", weights_only=True)
-    elif source.endswith(".safetensors"):
+        from lads.util.download import fetch
+
+        source = str(fetch(source, "model.visual.pretrained"))
+    if source.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         obj = load_file(source)

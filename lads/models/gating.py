@@ -180,20 +180,26 @@ def straight_through(r: torch.Tensor) -> torch.Tensor:
     return (r >= 0).to(soft.dtype) + (soft - soft.detach())
 
 
-def binary_gates(relevance: Gates, training: bool, granularity: str = "batch") -> tuple[Gates, Gates]:
+def binary_gates(relevance: Gates, training: bool, granularity: str = "batch",
+                 n_s: float | None = None) -> tuple[Gates, Gates]:
     """Eqs. 4-5 for both kinds of gate: returns (g, g_s), each a ``Gates``.
 
     Training: ``r̂ = r + ε``, ε ~ Logistic(0, 1); ``g_s = σ(r̂)``; ``g_h = 1[r̂ ≥ 0]`` with a
     straight-through gradient; ``g = g_s`` if ``n_s ≥ 0.5`` else ``g_h``, ``n_s ~ U(0, 1)``. Per
     ``"batch"`` there is one ``n_s`` for the batch, shared by the layer and the filter gates (the
-    paper's single draw); per ``"element"``, one for every gate of every expression.
-    Evaluation: no noise, ``g = g_h``, ``g_s = σ(r)``.
+    paper's single draw): the given ``n_s`` (the engine draws one per optimizer step, for all its
+    micro-batches and ranks), else drawn here; per ``"element"``, one for every gate of every
+    expression. Evaluation: no noise, ``g = g_h``, ``g_s = σ(r)``.
     """
     if granularity not in ("batch", "element"):
         raise LadsError(f"model.gating.granularity must be 'batch' or 'element', got {granularity!r}")
     if not training:
         return relevance.map(lambda r: (r >= 0).to(r.dtype)), relevance.map(torch.sigmoid)
-    n_s = torch.rand((), device=relevance.layer.device) if granularity == "batch" else None
+    device = relevance.layer.device
+    if granularity == "element":
+        n_s = None
+    else:
+        n_s = torch.rand((), device=device) if n_s is None else torch.as_tensor(n_s, device=device)
 
     def gate(r):
         u = torch.rand_like(r).clamp_(1e-6, 1 - 1e-6)

@@ -117,10 +117,11 @@ class LADS(nn.Module):
         """F_l and its mask: the first stage, before any pixel is touched."""
         return self.text_backbone(input_ids, attention_mask)
 
-    def gates(self, text, text_mask):
-        """Gates, soft gates, relevance scores and α for a batch of expressions (Eqs. 1-5)."""
+    def gates(self, text, text_mask, n_s: float | None = None):
+        """Gates, soft gates, relevance scores and α for a batch of expressions (Eqs. 1-5);
+        ``n_s``: Eq. 5's soft/hard draw (training; default: one drawn for this batch)."""
         relevance, alpha = self.gating(text, text_mask)
-        gates, soft = binary_gates(relevance, self.training, self.config.gating.granularity)
+        gates, soft = binary_gates(relevance, self.training, self.config.gating.granularity, n_s)
         return gates, soft, relevance, alpha
 
     def ground(self, images, pixel_mask, text, text_mask, gates: Gates | None) -> dict:
@@ -142,17 +143,19 @@ class LADS(nn.Module):
         out["grid"] = tuple(visual.shape[-2:])
         return out
 
-    def forward(self, images, pixel_mask, input_ids, attention_mask, gates: Gates | None = None):
+    def forward(self, images, pixel_mask, input_ids, attention_mask, gates: Gates | None = None,
+                n_s: float | None = None):
         """Boxes as normalised (cx, cy, w, h) of the padded square, with the gates used and the
         outputs of :meth:`ground`.
 
         ``gates`` forces hard gates (tests, analysis); by default the gating network decides.
+        ``n_s``: Eq. 5's soft/hard draw in training (the engine gives one per optimizer step).
         """
         check_inputs(images, pixel_mask, input_ids, attention_mask)
         text, text_mask = self.encode_text(input_ids, attention_mask)
         out = {"gates": gates, "soft": None, "relevance": None, "alpha": None}
         if gates is None and self.gating is not None:
-            out["gates"], out["soft"], out["relevance"], out["alpha"] = self.gates(text, text_mask)
+            out["gates"], out["soft"], out["relevance"], out["alpha"] = self.gates(text, text_mask, n_s)
             if self.training:  # the FLOPs of the evaluation's gates 1[r ≥ 0], for loss.flops
                 hard = out["relevance"].map(straight_through)
                 out["flops"] = expected_flops(hard, self.layout, self.gate_costs())

@@ -27,6 +27,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lads.errors import LadsError
 from lads.models.backbone import downsample_mask, fold_norm, norm_scale_shift
@@ -221,10 +222,17 @@ class Subnet(nn.Module):
 
     def __init__(self, model, gates: Gates, plan: BackbonePlan):
         super().__init__()
-        fusion = model.fusion
-        layer_gates, filter_gates, fusion_gates = model.layout.split(gates)
+        self.__dict__["supernet"] = model  # not a submodule: the weights are the supernet's
+        self._tensors = subnet_tensors(model)
         self.gates = gates.map(lambda g: g.detach().to("cpu", torch.bool))
-        self.fold_bn = plan.fold_bn
+        self._build(plan)
+
+    def _build(self, plan: BackbonePlan):
+        """Slice (and fold) the supernet's current weights; remember their version."""
+        model, fusion = self.supernet, self.supernet.fusion
+        self._version = weights_version(self._tensors)
+        layer_gates, filter_gates, fusion_gates = model.layout.split(self.gates)
+        self.fold_bn, self._plan_format = plan.fold_bn, (plan.memory_format, plan.dtype)
         self.stem, self.pool = plan["stem"], plan.pool
         self.block_names, self.blocks = [], []
         device = plan["stem"].weight.device
@@ -248,6 +256,8 @@ class Subnet(nn.Module):
         self.training = False
 
     def forward(self, images, pixel_mask, text, text_mask):
+        if weights_version(self._tensors) != self._version:  # the supernet was trained or reloaded
+            self._build(BackbonePlan(self.supernet.visual_backbone, self.fold_bn, *self._plan_format))
         x = self.pool(F.relu(self.stem(images), inplace=True))
         for block in self.blocks:
             x = block(x)
@@ -314,8 +324,26 @@ def subnet_tensors(model) -> list[torch.Tensor]:
     return [t for m in modules if m is not None for t in itertools.chain(m.parameters(), m.buffers())]
 
 
+class _OptimizerSteps:
+    """Counts the steps of every ``torch.optim`` optimizer in this process (a global post-step
+    hook): fused optimizers (``AdamW(fused=True)``) write the weights without incrementing
+    their version counters."""
+
+    count = 0
+
+    @classmethod
+    def hook(cls, optimizer, args, kwargs):
+        cls.count += 1
+
+
+register_optimizer_step_post_hook(_OptimizerSteps.hook)
+
+
 def weights_version(tensors: list[torch.Tensor]) -> tuple:
-    """Identifies the values of ``tensors``: each one's address and version counter, which
-    in-place writes (an optimizer step, ``load_state_dict``, ``copy_``) increment and moving
-    a module changes. Writes through ``tensor.data`` are not counted."""
-    return tuple((t.data_ptr(), t._version) for t in tensors)
+    """Identifies the values of ``tensors``: the optimizer steps taken in this process, and each
+    tensor's address and version counter, which in-place writes (an unfused optimizer step,
+    ``load_state_dict``, ``copy_``) increment and moving a module changes. In-place writes
+    through ``tensor.data``, which autograd does not see either, are not counted: call
+    ``SubnetRunner.clear()`` after them, and after writes to inference tensors (made under
+    ``torch.inference_mode``), which have no version counter."""
+    return _OptimizerSteps.count, tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)

@@ -1,6 +1,8 @@
 """Checkpoints: a folder with weights (safetensors), config and metadata (JSON) and, for
 resuming, the optimizer, scheduler and RNG state. Written atomically: the new folder is
-complete before it replaces the old one, so a killed run never leaves a half checkpoint.
+complete (and synced to disk) before it replaces the old one, so a run killed at any moment
+leaves a complete checkpoint, the new or the previous one (docs/design.md §5d); a write that
+fails (a full disk) leaves the previous one and says why.
 
     DIR/model.safetensors   DIR/config.json   DIR/meta.json   DIR/training_state.pt   DIR/text/
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +24,7 @@ from lads.util import dist
 
 WEIGHTS, CONFIG, META, STATE = "model.safetensors", "config.json", "meta.json", "training_state.pt"
 TEXT = "text"  # tokenizer and BERT config of the text backbone
+TMP, PREV = ".tmp-", ".prev"  # a checkpoint being written; the one it replaces, until it is in place
 
 
 def save_checkpoint(path, model, config: dict, meta: dict, training_state: dict | None = None,
@@ -32,18 +36,25 @@ def save_checkpoint(path, model, config: dict, meta: dict, training_state: dict 
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / WEIGHTS))
-    (tmp / CONFIG).write_text(json.dumps(config, indent=2))
-    if training_state is not None:
-        torch.save(training_state, tmp / STATE)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp / TEXT))
-        model.text_backbone.bert.config.save_pretrained(str(tmp / TEXT))
-    files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-    (tmp / META).write_text(json.dumps({**meta, "files": files}, indent=2))
-    previous = path.with_name(path.name + ".prev")
+    remove_partial_writes(path)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + TMP, dir=path.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS))
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+        if training_state is not None:
+            torch.save(training_state, tmp / STATE)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / TEXT))
+            model.text_backbone.bert.config.save_pretrained(str(tmp / TEXT))
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / META).write_text(json.dumps({**meta, "files": files}, indent=2))
+        _sync(tmp)
+    except Exception as e:  # a full disk: OSError from Python, RuntimeError from torch, SafetensorError
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = "the previous checkpoint is kept" if path.exists() else "no earlier checkpoint"
+        raise LadsError(f"checkpoint {path}: cannot write it ({_cause(e)}); {kept}") from None
+    previous = path.with_name(path.name + PREV)
     if path.exists():
         shutil.rmtree(previous, ignore_errors=True)
         os.replace(path, previous)
@@ -52,11 +63,42 @@ def save_checkpoint(path, model, config: dict, meta: dict, training_state: dict 
     return path
 
 
+def _cause(e: Exception) -> str:
+    """The system's words for a failed write (``No space left on device``), also from torch's and
+    safetensors' messages (``… (os error 28)``)."""
+    code = getattr(e, "errno", None)
+    if code is None:
+        found = re.search(r"(?:os error|errno) (\d+)", str(e), re.IGNORECASE)
+        code = int(found.group(1)) if found else None
+    return os.strerror(code) if code else str(e).strip().splitlines()[-1]
+
+
+def _sync(folder: Path) -> None:
+    """Flush every file of ``folder`` and the folder itself to disk."""
+    for f in [*sorted(folder.rglob("*")), folder]:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_partial_writes(path) -> None:
+    """Remove what killed writes of checkpoint ``path`` left beside it: ``*.tmp-*`` folders, and
+    a ``.prev`` once ``path`` is complete."""
+    path = Path(path)
+    stale = list(path.parent.glob(path.name + TMP + "*"))
+    if (path / META).exists():
+        stale.append(path.with_name(path.name + PREV))
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def resolve_checkpoint(path) -> Path:
     """The checkpoint folder itself, or the one inside a run folder; a ``.prev`` left by a
     write interrupted between its two renames counts too."""
     path = Path(path)
-    for candidate in (path, path / "checkpoint", path.with_name(path.name + ".prev")):
+    for candidate in (path, path / "checkpoint", path.with_name(path.name + PREV), path / ("checkpoint" + PREV)):
         if (candidate / META).exists():
             return candidate
     if not path.exists():
