@@ -4,7 +4,10 @@ Starts ``lads serve --checkpoint DIR`` on a free port, sends ``--warmup`` reques
 ``--requests`` requests from ``--concurrency`` threads (each a mixed batch of 1-3 expressions on
 one of the server's example images, multipart), and stops. Prints and writes (``--out``) the
 latency p50 / p95 / max, requests per second, errors, and the server's resident memory after
-warm-up and at the end (``/proc/PID/status``, Linux).
+warm-up and at the end (``/proc/PID/status``, Linux). The server runs with an API key (a random
+one unless ``--api-key``), sent with every request; its per-client rate limit is off
+(``serve.requests_per_minute=0``: this one client is all the load), its bound on concurrent work
+as configured.
 
     python benchmarks/serve_load.py --checkpoint runs/demo/lads/checkpoint --out benchmarks/serve
 """
@@ -15,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import secrets
 import socket
 import statistics
 import subprocess
@@ -44,14 +48,15 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def start(checkpoint: str, port: int) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lads.cli", "serve", "--checkpoint", checkpoint, "--port", str(port)],
+def start(checkpoint: str, port: int, key: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LADS_API_KEY": key}
+    proc = subprocess.Popen([sys.executable, "-m", "lads.cli", "serve", "--checkpoint", checkpoint, "--port", str(port),
+                             "--set", "serve.requests_per_minute=0"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     while time.time() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=2).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/health", headers={"X-API-Key": key}, timeout=2).status_code == 200:
                 return proc
         except httpx.TransportError:
             time.sleep(0.3)
@@ -68,21 +73,24 @@ def main():
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--api-key", default=secrets.token_urlsafe(16), help="the server's key (default: a random one)")
     parser.add_argument("--out", help="folder for serve_load.md and serve_load.json")
     args = parser.parse_args()
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start(args.checkpoint, port)
+    proc = start(args.checkpoint, port, args.api_key)
     try:
-        examples = [httpx.get(url + e["url"]).content for e in httpx.get(url + "/v1/examples").json()["examples"]]
+        client = httpx.Client(timeout=120, headers={"X-API-Key": args.api_key})
+        if client.get(url + "/v1/model", headers={"X-API-Key": ""}).status_code != 401:
+            raise SystemExit("the server answered a call without its API key")
+        examples = [client.get(url + e["url"]).content for e in client.get(url + "/v1/examples").json()["examples"]]
         if not examples:
             raise SystemExit("the checkpoint's dataset has no test images to send")
         rng = random.Random(args.seed)
         jobs = [(rng.choice(examples), [f"the {rng.choice(WHERE)}{rng.choice(COLOURS)} {rng.choice(SHAPES)}"
                                         for _ in range(rng.randint(1, 3))])
                 for _ in range(args.warmup + args.requests)]
-        client = httpx.Client(timeout=120)
         lock, memory = threading.Lock(), []
 
         def send(job):
@@ -120,7 +128,7 @@ def main():
     lines = [f"`python benchmarks/serve_load.py --checkpoint {args.checkpoint} --requests {args.requests}`: "
              f"{summary['requests']} requests "
              f"({args.warmup} before them to warm up), {args.concurrency} concurrent, 1-3 expressions each, "
-             f"localhost, {os.cpu_count()} CPU cores.", "",
+             f"with the API key, localhost, {os.cpu_count()} CPU cores.", "",
              "| errors | p50 | p95 | max | requests/s | RSS after warm-up | RSS max by quarter of the run | RSS at the end |",
              "|---|---|---|---|---|---|---|---|",
              f"| {summary['errors']} | {summary['p50_ms']:.0f} ms | {summary['p95_ms']:.0f} ms | {summary['max_ms']:.0f} ms "

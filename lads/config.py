@@ -214,10 +214,14 @@ class ServeConfig:
     max_expressions: int = 16  # per request
     max_expression_chars: int = 500
     dtype: str = "fp32"  # or bf16 / fp16 autocast (boxes and gates stay fp32)
+    api_key: Optional[str] = None  # every /v1/* call must carry it; better in the LADS_API_KEY environment variable
+    requests_per_minute: int = 120  # per client address, over /v1/* (429 beyond); 0: no limit
+    max_concurrent: int = 8  # predict requests running or waiting (503 beyond, not a growing queue)
 
 
 @dataclass
 class Config:
+    preset: Optional[str] = None  # the preset or config file this came from (recorded, not read)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -331,9 +335,11 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
 
 
 def load_config(name_or_path: str | Path = "tiny", overrides: list[str] | None = None) -> Config:
-    """A preset name or JSON file, with ``key=value`` overrides applied on top."""
-    raw = apply_overrides(load_raw(name_or_path), overrides or [])
-    return from_dict(Config, raw)
+    """A preset name or JSON file, with ``key=value`` overrides applied on top; ``preset``
+    records which (the model card names it)."""
+    raw = load_raw(name_or_path)
+    raw.setdefault("preset", Path(name_or_path).stem)
+    return from_dict(Config, apply_overrides(raw, overrides or []))
 
 
 def to_dict(cfg: Any) -> dict:

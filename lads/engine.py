@@ -263,7 +263,7 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
     bad_images = BadImages(cfg.data.max_bad_images)
     bar = _Progress(total_steps, step, None if t.max_steps else t.max_minutes, trained_s, enabled=dist.is_main())
     start, last_log, samples_since = time.time() - trained_s, time.time(), 0
-    status = "finished"
+    status, last_validation = "finished", {}  # the latest validation, for the checkpoint's model card
 
     def validate():
         """Prec@0.5 on the first eval split, logged; its time is not training time."""
@@ -278,6 +278,7 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
         for kind, prec in result.get("prec@0.5_by_type", {}).items():
             record[f"{split}/prec@0.5_{kind}"] = prec
         log.write(record)
+        last_validation.update(step=step, split=split, **{"prec@0.5": result["prec@0.5"]})
         start += time.time() - began
         last_log += time.time() - began
 
@@ -287,7 +288,8 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
                 out / "checkpoint", model, to_dict(cfg),
                 {"step": step, "epoch": step / steps_per_epoch, "total_steps": total_steps,
                  "reason": reason, "lads_version": __version__, "torch_version": torch.__version__,
-                 "world_size": world, "amp": amp, "train_s": round(time.time() - start, 1)},
+                 "world_size": world, "amp": amp, "train_s": round(time.time() - start, 1),
+                 "validation": dict(last_validation) or None},
                 {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                  "rng": torch.get_rng_state(), "train_s": time.time() - start, "lr_drop_step": schedule["drop"],
                  "scaler": scaler.state_dict()},

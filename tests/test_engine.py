@@ -136,14 +136,15 @@ def test_checkpoint_round_trip_and_damage(trained, tmp_path, synth_data):
     from lads.datasets import load_records
     from lads.util.checkpoint import load_model
     from lads.models import LADS
-    from lads.util.checkpoint import load_weights, read_meta
+    from lads.util.checkpoint import load_training_state, load_weights, read_meta, resolve_checkpoint
 
     checkpoint, cfg = trained
     records, _ = load_records(synth_data, "test")
     model_a, _ = load_model(checkpoint)
     model_b = LADS.from_pretrained(checkpoint)
     image, expressions = records[0].image, [r.expression for r in records if r.image == records[0].image]
-    assert model_a.predict(image, expressions) == model_b.predict(image, expressions)
+    first = model_a.predict(image, expressions)
+    assert first == model_b.predict(image, expressions)
 
     damaged = tmp_path / "damaged"
     shutil.copytree(checkpoint, damaged)
@@ -160,9 +161,15 @@ def test_checkpoint_round_trip_and_damage(trained, tmp_path, synth_data):
 
     partial = tmp_path / "partial"
     shutil.copytree(checkpoint, partial)
-    (partial / "training_state.pt").unlink()
-    with pytest.raises(LadsError, match="partial"):
+    (partial / "model.safetensors").unlink()
+    with pytest.raises(LadsError, match="partial: model.safetensors is missing"):
         LADS.from_pretrained(partial)
+    shared = tmp_path / "shared"  # no optimizer state (save_pretrained, the Hub): loads, does not resume
+    shutil.copytree(checkpoint, shared)
+    (shared / "training_state.pt").unlink()
+    assert LADS.from_pretrained(shared).predict(image, expressions) == first
+    with pytest.raises(LadsError, match="holds no training state"):
+        load_training_state(resolve_checkpoint(shared))
     with pytest.raises(LadsError, match="no such folder"):
         LADS.from_pretrained(tmp_path / "missing")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -21,7 +22,8 @@ from lads.commands.serve import create_app, load_service  # noqa: E402
 @pytest.fixture(scope="module")
 def service(trained):
     return load_service(trained[0], ["serve.max_expressions=4", "serve.max_megapixels=0.5",
-                                     "serve.max_image_mb=1", "serve.max_expression_chars=80"])
+                                     "serve.max_image_mb=1", "serve.max_expression_chars=80",
+                                     "serve.requests_per_minute=0"])
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +143,9 @@ def test_no_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
         load_service(tmp_path, ["train.epochs=3"])
 
 
-def test_binding_beyond_this_machine_warns(trained):
+def test_binding_beyond_this_machine_needs_a_key_or_insecure(trained):
+    """Without a key, ``--host 0.0.0.0`` is refused in one line; ``--insecure`` binds with a
+    warning; with ``LADS_API_KEY`` set it binds without one."""
     import os
     import socket
     import subprocess
@@ -151,16 +155,90 @@ def test_binding_beyond_this_machine_warns(trained):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1",
-           "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lads.cli", "serve", "--checkpoint", str(trained[0]),
-                             "--host", "0.0.0.0", "--port", str(port)], env=env, stdout=subprocess.PIPE, text=True)
-    try:
-        first = proc.stdout.readline()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    assert first.startswith("warning: binding to 0.0.0.0: the server is reachable from the network")
+    env = {k: v for k, v in os.environ.items() if k != "LADS_API_KEY"}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "lads.cli", "serve", "--checkpoint", str(trained[0]), "--host", "0.0.0.0",
+               "--port", str(port)]
+    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == ("lads serve: error: --host 0.0.0.0: the server would be reachable from the "
+                                      "network with no API key; set one in LADS_API_KEY (or serve.api_key), or pass "
+                                      "--insecure")
+    for extra, variables, expected in (["--insecure"], {}, "warning: binding to 0.0.0.0"), \
+                                      ([], {"LADS_API_KEY": "k"}, "lads serve: http://0.0.0.0"):
+        proc = subprocess.Popen(command + extra, env={**env, **variables}, stdout=subprocess.PIPE, text=True)
+        try:
+            first = proc.stdout.readline()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        assert first.startswith(expected), first
+
+
+def test_api_key_is_needed_on_every_v1_call(trained, monkeypatch):
+    """With a key (here from LADS_API_KEY) every /v1/* call without it, or with another, is a
+    401 that says how to send it; with it (either header) the call is served. The page itself
+    loads (it asks for the key)."""
+    monkeypatch.setenv("LADS_API_KEY", "s3cret")
+    client = TestClient(create_app(load_service(trained[0], [])))
+    for path in ("/v1/health", "/v1/model", "/v1/examples", "/v1/examples/0"):
+        for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer s3cre"}):
+            answer = client.get(path, headers=headers)
+            assert answer.status_code == 401 and "API key" in answer.json()["error"], (path, headers)
+            assert answer.headers["www-authenticate"].startswith("Bearer")
+        assert client.get(path, headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert client.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    denied = client.post("/v1/predict", files={"image": ("x.png", png(), "image/png")}, data={"expression": ["a"]})
+    assert denied.status_code == 401
+    served = client.post("/v1/predict", files={"image": ("x.png", png(), "image/png")}, data={"expression": ["a"]},
+                         headers={"X-API-Key": "s3cret"})
+    assert served.status_code == 200
+    assert client.get("/").status_code == 200
+
+
+def test_each_client_gets_its_rate_and_then_429(trained):
+    """serve.requests_per_minute=3: a client's 4th call in a burst is a 429 with Retry-After;
+    another client is still served; the bucket refills at the rate."""
+    from lads.commands.serve import RateLimiter
+
+    client = TestClient(create_app(load_service(trained[0], ["serve.requests_per_minute=3"])))
+    codes = [client.get("/v1/health").status_code for _ in range(4)]
+    assert codes == [200, 200, 200, 429]
+    answer = client.get("/v1/health")
+    assert "serve.requests_per_minute" in answer.json()["error"] and int(answer.headers["retry-after"]) >= 1
+    other = TestClient(create_app(load_service(trained[0], ["serve.requests_per_minute=3"])), client=("10.0.0.2", 1))
+    assert other.get("/v1/health").status_code == 200
+    limiter = RateLimiter(60)  # one call a second
+    assert [limiter.wait("a", now=0.0) for _ in range(60)] == [0] * 60
+    assert limiter.wait("a", now=0.0) == 1 and limiter.wait("a", now=1.0) == 0 and limiter.wait("b", now=1.0) == 0
+
+
+def test_work_beyond_max_concurrent_is_503_not_a_queue(trained):
+    """serve.max_concurrent=1 while one prediction holds the model: another is refused at once
+    with 503 and Retry-After, and served once the first is done."""
+    import threading
+
+    service = load_service(trained[0], ["serve.max_concurrent=1"])
+    client = TestClient(create_app(service))
+    inside, release = threading.Event(), threading.Event()
+    original = service.runner.__call__
+
+    def slow(*args, **kwargs):
+        inside.set()
+        release.wait(30)
+        return original(*args, **kwargs)
+
+    service.runner = type("Slow", (), {"__call__": staticmethod(slow)})()
+    first = ThreadPoolExecutor(1).submit(post, client, png(), ["the red circle"])
+    assert inside.wait(60)
+    began = time.monotonic()
+    busy = post(client, png(), ["the red circle"])
+    assert busy.status_code == 503 and "serve.max_concurrent" in busy.json()["error"]
+    assert busy.headers["retry-after"] == "1" and time.monotonic() - began < 5
+    release.set()
+    assert first.result(timeout=60).status_code == 200
+    service.runner = type("Plain", (), {"__call__": staticmethod(original)})()
+    assert post(client, png(), ["the red circle"]).status_code == 200
 
 
 def test_an_upload_is_read_upright_as_lads_predict_reads_a_file(client):

@@ -83,9 +83,15 @@ def markdown_table(rows: list[dict]) -> str:
 def run(args):
     from lads.util import dist
 
+    from lads.util.card import record_evaluation
+    from lads.util.checkpoint import resolve_checkpoint
+
     rows = evaluate_checkpoints(args.checkpoint, args.data, args.splits, args.mode, args.batch_size, args.dtype)
     if not dist.is_main():
         return
+    if not args.data:  # figures on the checkpoint's own data go into its model card
+        for row in rows:
+            record_evaluation(resolve_checkpoint(row["checkpoint"]), row)
     table = markdown_table(rows)
     print(table)
     if args.out:

@@ -5,10 +5,20 @@ outside the event loop, one request at a time (a lock: the model and its cache a
 Endpoints: ``GET /`` (the page), ``POST /v1/predict``, ``GET /v1/health``, ``GET /v1/model``,
 ``GET /v1/examples`` and ``GET /v1/examples/{i}`` (a few test images of the model's own
 dataset, by number: no path from a request is ever opened), OpenAPI at ``/docs``.
+
+Exposed beyond this machine (docs/design.md §5b): with an API key (``LADS_API_KEY`` or
+``serve.api_key``) every ``/v1/*`` call carries it (``Authorization: Bearer KEY`` or
+``X-API-Key: KEY``, compared in constant time; 401 without); each client address may make
+``serve.requests_per_minute`` calls (429 beyond, with ``Retry-After``); at most
+``serve.max_concurrent`` predictions run or wait (503 beyond). Binding beyond localhost without
+a key is refused unless ``--insecure``.
 """
 
 import base64
+import hmac
 import io
+import math
+import os
 import threading
 import time
 from pathlib import Path
@@ -16,6 +26,7 @@ from pathlib import Path
 from lads.errors import LadsError
 
 DEMO_CHECKPOINT = Path("runs/demo/lads/checkpoint")
+API_KEY_VARIABLE = "LADS_API_KEY"
 PAGE = Path(__file__).parents[1] / "static" / "serve.html"
 
 
@@ -25,6 +36,8 @@ def add_arguments(parser):
     parser.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only; "
                                        "0.0.0.0 makes the server reachable from the network)")
     parser.add_argument("--port", type=int, help="port (default 8000)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow binding beyond localhost without an API key (LADS_API_KEY)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a serve setting, e.g. serve.max_expressions=32 (repeatable)")
 
@@ -47,6 +60,19 @@ class Service:
             raise LadsError(f"serve.dtype must be one of {', '.join(DTYPES)}, got {settings.dtype!r}")
         self.runner = SubnetRunner(self.model, amp=DTYPES[settings.dtype])
         self.lock = threading.Lock()
+        self.api_key = settings.api_key or os.environ.get(API_KEY_VARIABLE) or None
+        if settings.max_concurrent < 1 or settings.requests_per_minute < 0:
+            raise LadsError("serve.max_concurrent must be at least 1 and serve.requests_per_minute at least 0 "
+                            f"(0: no limit), got {settings.max_concurrent} and {settings.requests_per_minute}")
+        self.slots = threading.BoundedSemaphore(settings.max_concurrent)
+        self.limiter = RateLimiter(settings.requests_per_minute)
+
+    def authorized(self, headers) -> bool:
+        """No key set, or the request carries it (``Authorization: Bearer`` or ``X-API-Key``)."""
+        if self.api_key is None:
+            return True
+        given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
+        return hmac.compare_digest(given.encode(), self.api_key.encode())
 
     def read_image(self, data: bytes):
         """A PIL image from uploaded bytes, or a ``RequestError`` saying what is wrong with them."""
@@ -136,11 +162,45 @@ class Service:
 
 
 class RequestError(Exception):
-    """Bad input in a request: an HTTP status and a message for the caller."""
+    """A request refused: an HTTP status, a message for the caller, and when to retry (seconds)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, retry_after: int | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.retry_after = status, message, retry_after
+
+    def response(self):
+        from fastapi.responses import JSONResponse
+
+        headers = {"WWW-Authenticate": 'Bearer realm="lads"'} if self.status == 401 else {}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(self.retry_after)
+        return JSONResponse({"error": self.message}, status_code=self.status, headers=headers)
+
+
+class RateLimiter:
+    """A token bucket per client: ``per_minute`` calls in a burst, refilled at ``per_minute`` / 60
+    per second (0: no limit). Full buckets are forgotten, so memory stays bounded."""
+
+    FORGET_ABOVE = 4096  # clients remembered before the full buckets are dropped
+
+    def __init__(self, per_minute: int):
+        self.per_minute, self.buckets, self.lock = per_minute, {}, threading.Lock()
+
+    def wait(self, client: str, now: float | None = None) -> int:
+        """0 when ``client`` may call now (and the call is counted), else seconds to wait."""
+        if not self.per_minute:
+            return 0
+        now = time.monotonic() if now is None else now
+        rate = self.per_minute / 60
+        with self.lock:
+            tokens, last = self.buckets.get(client, (self.per_minute, now))
+            tokens = min(self.per_minute, tokens + (now - last) * rate)
+            if len(self.buckets) > self.FORGET_ABOVE:
+                self.buckets = {c: (t, s) for c, (t, s) in self.buckets.items()
+                                if t + (now - s) * rate < self.per_minute}
+            allowed = tokens >= 1
+            self.buckets[client] = (tokens - 1 if allowed else tokens, now)
+        return 0 if allowed else math.ceil((1 - tokens) / rate)
 
 
 # ----------------------------------------------------------------------------- the app
@@ -149,7 +209,7 @@ class RequestError(Exception):
 def create_app(service: Service):
     """The FastAPI application around ``service``."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from fastapi.responses import HTMLResponse, Response
     from starlette.concurrency import run_in_threadpool
 
     from lads import __version__
@@ -160,7 +220,20 @@ def create_app(service: Service):
 
     @app.exception_handler(RequestError)
     def request_error(_: Request, error: RequestError):
-        return JSONResponse({"error": error.message}, status_code=error.status)
+        return error.response()
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        """The API key, then the client's rate, for every ``/v1/*`` call."""
+        if request.url.path.startswith("/v1/"):
+            if not service.authorized(request.headers):
+                return RequestError(401, "this server needs an API key: send 'Authorization: Bearer KEY' "
+                                         "or 'X-API-Key: KEY'").response()
+            wait = service.limiter.wait(request.client.host if request.client else "?")
+            if wait:
+                return RequestError(429, f"more than {service.settings.requests_per_minute} calls a minute from "
+                                         "this client (serve.requests_per_minute)", retry_after=wait).response()
+        return await call_next(request)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page():
@@ -210,7 +283,13 @@ def create_app(service: Service):
             expressions, dense, drawing = body.get("expressions"), bool(body.get("dense")), bool(body.get("drawing"))
         else:
             raise RequestError(415, "send multipart/form-data or application/json")
-        return await run_in_threadpool(service.predict, data, expressions, dense, drawing)
+        if not service.slots.acquire(blocking=False):  # taken here: no queue grows in the thread pool
+            raise RequestError(503, f"busy: {service.settings.max_concurrent} predictions are running or waiting "
+                                    "(serve.max_concurrent); try again shortly", retry_after=1)
+        try:
+            return await run_in_threadpool(service.predict, data, expressions, dense, drawing)
+        finally:
+            service.slots.release()
 
     return app
 
@@ -263,8 +342,11 @@ def run(args):
     service = load_service(args.checkpoint, args.overrides)
     host = args.host or service.settings.host
     port = args.port or service.settings.port
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host not in ("127.0.0.1", "localhost", "::1") and service.api_key is None:
+        if not args.insecure:
+            raise LadsError(f"--host {host}: the server would be reachable from the network with no API key; "
+                            f"set one in {API_KEY_VARIABLE} (or serve.api_key), or pass --insecure")
         print(f"warning: binding to {host}: the server is reachable from the network, and it has no "
-              "authentication", flush=True)
+              "authentication (--insecure)", flush=True)
     print(f"lads serve: http://{host}:{port}/ (API docs at /docs)", flush=True)
     uvicorn.run(create_app(service), host=host, port=port, log_level="warning")

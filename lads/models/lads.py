@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -211,11 +213,34 @@ class LADS(nn.Module):
         return lads_loss(outputs, target_boxes, self.config.loss)
 
     @classmethod
-    def from_pretrained(cls, path, device=None) -> "LADS":
-        """A trained model from a checkpoint folder (``lads train`` writes them), in eval mode."""
-        from lads.util.checkpoint import load_model
+    def from_pretrained(cls, name_or_path, device=None, revision: str | None = None, cache_dir=None) -> "LADS":
+        """A trained model in eval mode, from a checkpoint folder (``lads train`` and
+        :meth:`save_pretrained` write them) or a Hugging Face Hub id (``org/name``, at ``revision``;
+        the local Hub cache only when ``HF_HUB_OFFLINE`` is set).
 
-        return load_model(path, device)[0]
+        Args:
+            name_or_path: a checkpoint folder, a run folder holding ``checkpoint/``, or a Hub id.
+            device: where to put the model (default: CPU).
+            revision: a Hub branch, tag or commit.
+            cache_dir: the Hub cache (default: ``HF_HUB_CACHE``).
+        """
+        from lads.util.checkpoint import load_model
+        from lads.util.hub import resolve_pretrained
+
+        return load_model(resolve_pretrained(name_or_path, revision, cache_dir), device)[0]
+
+    def save_pretrained(self, folder) -> Path:
+        """Write this model as a checkpoint folder to share (weights, config, meta, tokenizer,
+        model card; no optimizer state); :meth:`from_pretrained` reads it."""
+        from lads.util.checkpoint import save_pretrained
+
+        return save_pretrained(self, folder)
+
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
+        """Upload :meth:`save_pretrained`'s folder to the Hugging Face Hub as ``repo_id``."""
+        from lads.util.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, private, token)
 
     def predict(self, image, expressions, mode: str = "subnet", dtype: str = "fp32") -> list[dict]:
         """Boxes in original image pixels for one image and one or more expressions; ``dtype``

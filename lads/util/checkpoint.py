@@ -1,10 +1,10 @@
-"""Checkpoints: a folder with weights (safetensors), config and metadata (JSON) and, for
-resuming, the optimizer, scheduler and RNG state. Written atomically: the new folder is
+"""Checkpoints: a folder with weights (safetensors), config and metadata (JSON), a model card
+(``README.md``, ``lads.util.card``) and, for resuming, the optimizer, scheduler and RNG state. Written atomically: the new folder is
 complete (and synced to disk) before it replaces the old one, so a run killed at any moment
 leaves a complete checkpoint, the new or the previous one (docs/design.md §5d); a write that
 fails (a full disk) leaves the previous one and says why.
 
-    DIR/model.safetensors   DIR/config.json   DIR/meta.json   DIR/training_state.pt   DIR/text/
+    DIR/model.safetensors   DIR/config.json   DIR/meta.json   DIR/training_state.pt   DIR/text/   DIR/README.md
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 
 from lads.errors import LadsError
 from lads.util import dist
+from lads.util.card import write_card
 
 WEIGHTS, CONFIG, META, STATE = "model.safetensors", "config.json", "meta.json", "training_state.pt"
 TEXT = "text"  # tokenizer and BERT config of the text backbone
@@ -49,6 +50,7 @@ def save_checkpoint(path, model, config: dict, meta: dict, training_state: dict 
             model.text_backbone.bert.config.save_pretrained(str(tmp / TEXT))
         files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
         (tmp / META).write_text(json.dumps({**meta, "files": files}, indent=2))
+        write_card(tmp, name=str(path))  # after meta.json: not one of the files it checks
         _sync(tmp)
     except Exception as e:  # a full disk: OSError from Python, RuntimeError from torch, SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
@@ -112,6 +114,8 @@ def read_meta(path) -> tuple[Path, dict, dict]:
     meta = json.loads((path / META).read_text())
     for name, size in meta.get("files", {}).items():
         f = path / name
+        if name == STATE and not f.exists():
+            continue  # a shared copy (save_pretrained, the Hub) loads without it; resuming says so
         if not f.exists():
             raise LadsError(f"checkpoint {path} is partial: {name} is missing")
         if f.stat().st_size != size:
@@ -183,12 +187,42 @@ def restored_model_config(model_cfg, checkpoint=None):
 
 
 def load_model(checkpoint, device=None):
-    """(model in eval mode, Config) from a checkpoint folder."""
+    """(model in eval mode, Config) from a checkpoint folder. ``model.origin`` keeps the folder,
+    its config and meta (``save_pretrained`` writes them again)."""
     from lads.config import config_from_dict
     from lads.models import LADS
 
-    folder, saved, _ = read_meta(checkpoint)
+    folder, saved, meta = read_meta(checkpoint)
     cfg = config_from_dict(saved)
     model = LADS(restored_model_config(cfg.model, folder))
     load_weights(folder, model)
+    model.origin = {"folder": str(folder), "config": saved, "meta": meta}
     return model.to(device or "cpu").eval(), cfg
+
+
+def save_pretrained(model, folder, name: str | None = None) -> Path:
+    """A checkpoint folder to share (no optimizer state): weights, config, meta, tokenizer and
+    card. A model loaded from a checkpoint keeps that checkpoint's config and meta, and its
+    ``lads eval`` figures while its weights are still those evaluated; ``name``: what the card's
+    example loads (default: the folder)."""
+    from safetensors.torch import load_file
+
+    from lads import __version__
+    from lads.config import Config, to_dict
+    from lads.util.card import EVAL, write_card
+
+    origin = getattr(model, "origin", None)
+    if origin:
+        config, meta = origin["config"], {k: v for k, v in origin["meta"].items() if k != "files"}
+    else:
+        config = to_dict(Config(model=model.config))
+        meta = {"reason": "save_pretrained", "lads_version": __version__, "torch_version": torch.__version__}
+    path = save_checkpoint(folder, model, config, meta, tokenizer=model.tokenizer)
+    evaluated = Path(origin["folder"]) / EVAL if origin else None
+    if evaluated is not None and evaluated.exists():
+        saved = load_file(str(Path(origin["folder"]) / WEIGHTS))
+        own = model.state_dict()
+        if all(torch.equal(own[k].cpu(), v) for k, v in saved.items()):
+            shutil.copy(evaluated, path / EVAL)
+    write_card(path, name)
+    return path
