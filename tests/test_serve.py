@@ -250,3 +250,24 @@ def test_an_upload_is_read_upright_as_lads_predict_reads_a_file(client):
     answer = post(client, buffer.getvalue(), ["the green square"])
     assert answer.status_code == 200, answer.text
     assert answer.json()["image_size"] == [48, 64]
+
+
+def test_load_test_with_a_key_has_no_error(trained, tmp_path):
+    """benchmarks/serve_load.py, small: the server runs with an API key that every request
+    carries (a call without it gets 401, which the script checks); no request fails and the
+    server's memory at the end stays near its level after warm-up."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "serve_load.py"), "--checkpoint", str(trained[0]),
+                           "--requests", "24", "--warmup", "8", "--concurrency", "4", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = json.loads((tmp_path / "serve_load.json").read_text())
+    assert summary["requests"] == 24 and summary["errors"] == 0
+    assert summary["rss_mb_end"] < 1.25 * summary["rss_mb_after_warmup"]
