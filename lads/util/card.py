@@ -1,7 +1,8 @@
-"""The model card of a checkpoint (``README.md`` in its folder, as the Hugging Face Hub shows it):
-what it was trained on, how, and its figures: the last validation of training, and those of the
-latest ``lads eval`` (``eval.json`` beside it). Written after ``meta.json`` and not listed there,
-so that an evaluation may rewrite it without altering the checkpoint."""
+"""The model card of a checkpoint (``README.md`` in its folder, as the Hugging Face Hub shows it;
+docs/design.md §3b): what it was trained on, how, and its figures: the last validation of
+training, and those of the latest ``lads eval`` (``eval.json`` beside it). Written after
+``meta.json`` and not listed there, so that an evaluation may rewrite it without altering the
+checkpoint."""
 
 from __future__ import annotations
 

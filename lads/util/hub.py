@@ -1,6 +1,6 @@
-"""Checkpoints on the Hugging Face Hub: a model id (``org/name``, with a revision) resolves to a
-folder in the local Hub cache through ``huggingface_hub``, which honours ``HF_HUB_OFFLINE`` and
-``HF_HUB_CACHE``; ``push_to_hub`` uploads what ``save_pretrained`` writes."""
+"""Checkpoints on the Hugging Face Hub (docs/design.md §3b): a model id (``org/name``, with a
+revision) resolves to a folder in the local Hub cache through ``huggingface_hub``, which honours
+``HF_HUB_OFFLINE`` and ``HF_HUB_CACHE``; ``push_to_hub`` uploads what ``save_pretrained`` writes."""
 
 from __future__ import annotations
 
