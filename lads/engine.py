@@ -31,7 +31,7 @@ from lads.errors import LadsError
 from lads.util import dist
 from lads.util.amp import autocast, grad_scaler, resolve_amp
 from lads.util.checkpoint import (init_weights, load_training_state, load_weights, read_meta,
-                                  remove_partial_writes, restored_model_config, save_checkpoint)
+                                  restored_model_config, save_checkpoint)
 
 
 def mix_seed(*parts: int) -> int:
@@ -256,7 +256,6 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        remove_partial_writes(out / "checkpoint")
         if resume:
             _forget_steps_after(out / "log.jsonl", step)
     log = MetricLog(out, dist.is_main())

@@ -82,7 +82,6 @@ def markdown_table(rows: list[dict]) -> str:
 
 def run(args):
     from lads.util import dist
-
     from lads.util.card import record_evaluation
     from lads.util.checkpoint import resolve_checkpoint
 

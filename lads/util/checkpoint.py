@@ -21,7 +21,7 @@ import torch
 
 from lads.errors import LadsError
 from lads.util import dist
-from lads.util.card import write_card
+from lads.util.card import EVAL, write_card
 
 WEIGHTS, CONFIG, META, STATE = "model.safetensors", "config.json", "meta.json", "training_state.pt"
 TEXT = "text"  # tokenizer and BERT config of the text backbone
@@ -29,10 +29,11 @@ TMP, PREV = ".tmp-", ".prev"  # a checkpoint being written; the one it replaces,
 
 
 def save_checkpoint(path, model, config: dict, meta: dict, training_state: dict | None = None,
-                    tokenizer=None) -> Path:
+                    tokenizer=None, evaluation: dict | None = None, card_name: str | None = None) -> Path:
     """Write a checkpoint folder atomically (write a sibling, then swap). With ``tokenizer``,
     the text backbone's tokenizer and BERT config go to ``DIR/text``, so that the checkpoint
-    loads offline without the original text model."""
+    loads offline without the original text model. The model card names ``card_name`` (default:
+    the folder) and shows ``evaluation`` (a row of ``lads eval``, kept as ``eval.json``)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -50,7 +51,9 @@ def save_checkpoint(path, model, config: dict, meta: dict, training_state: dict 
             model.text_backbone.bert.config.save_pretrained(str(tmp / TEXT))
         files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
         (tmp / META).write_text(json.dumps({**meta, "files": files}, indent=2))
-        write_card(tmp, name=str(path))  # after meta.json: not one of the files it checks
+        if evaluation is not None:
+            (tmp / EVAL).write_text(json.dumps(evaluation, indent=2))
+        write_card(tmp, name=card_name or str(path))  # after meta.json: not one of the files it checks
         _sync(tmp)
     except Exception as e:  # a full disk: OSError from Python, RuntimeError from torch, SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
@@ -209,20 +212,17 @@ def save_pretrained(model, folder, name: str | None = None) -> Path:
 
     from lads import __version__
     from lads.config import Config, to_dict
-    from lads.util.card import EVAL, write_card
 
-    origin = getattr(model, "origin", None)
+    origin, evaluation = getattr(model, "origin", None), None
     if origin:
         config, meta = origin["config"], {k: v for k, v in origin["meta"].items() if k != "files"}
+        evaluated = Path(origin["folder"]) / EVAL
+        if evaluated.exists():
+            saved, own = load_file(str(Path(origin["folder"]) / WEIGHTS)), model.state_dict()
+            if all(torch.equal(own[k].cpu(), v) for k, v in saved.items()):
+                evaluation = json.loads(evaluated.read_text())
     else:
         config = to_dict(Config(model=model.config))
         meta = {"reason": "save_pretrained", "lads_version": __version__, "torch_version": torch.__version__}
-    path = save_checkpoint(folder, model, config, meta, tokenizer=model.tokenizer)
-    evaluated = Path(origin["folder"]) / EVAL if origin else None
-    if evaluated is not None and evaluated.exists():
-        saved = load_file(str(Path(origin["folder"]) / WEIGHTS))
-        own = model.state_dict()
-        if all(torch.equal(own[k].cpu(), v) for k, v in saved.items()):
-            shutil.copy(evaluated, path / EVAL)
-    write_card(path, name)
-    return path
+    return save_checkpoint(folder, model, config, meta, tokenizer=model.tokenizer, evaluation=evaluation,
+                           card_name=name)
