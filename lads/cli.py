@@ -18,7 +18,7 @@ COMMANDS = {
     "pretrain": ("lads.commands.pretrain", "detection pre-training of the visual backbone on a dataset's boxes"),
     "train": ("lads.commands.train", "train LADS or the dense baseline (one process, or many with torchrun)"),
     "eval": ("lads.commands.evaluate", "Prec@0.5 per split, time per expression, subnet sizes"),
-    "predict": ("lads.commands.predict", "boxes for your own image and expressions"),
+    "predict": ("lads.commands.predict", "boxes for your own images and expressions: one image, or a JSON-lines file or folder of them"),
     "export": ("lads.commands.export", "write one expression's subnet as ONNX or TorchScript for deployment"),
     "bench": ("lads.commands.bench", "time and count FLOPs of dense, masked and extracted subnets"),
     "analyze": ("lads.commands.analyze", "see the subnets over a split: selection rates, t-SNE, drawings, word clouds"),

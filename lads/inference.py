@@ -23,7 +23,8 @@ from lads.errors import LadsError, warn
 from lads.models.gating import Gates
 from lads.models.lads import check_inputs
 from lads.util.amp import amp_dtype, autocast, check_amp
-from lads.models.subnet import BackbonePlan, Subnet, extract_subnet, subnet_tensors, weights_version
+from lads.models.subnet import (BackbonePlan, Subnet, extract_subnet, shared_backbones, subnet_tensors,
+                                weights_version)
 
 MODES = ("dense", "masked", "subnet")
 
@@ -48,7 +49,8 @@ def prepare_inputs(image, expressions: list[str] | str, config, tokenizer) -> tu
     ``pixel_mask``, ``input_ids``, ``attention_mask`` (row i: expression i on the image), and the
     letterbox's ``meta`` for ``box_to_original``. ``image``: a path or a PIL image (EXIF
     orientation honoured); ``config``: the model's ``ModelConfig``."""
-    from lads.datasets.images import open_rgb, to_rgb
+    from lads.datasets.images import open_rgb
+    from lads.util.image import to_rgb
     from lads.datasets.transforms import eval_transform
 
     expressions = [expressions] if isinstance(expressions, str) else list(expressions)
@@ -68,33 +70,49 @@ def predict(model, image, expressions: list[str] | str, mode: str = "subnet", to
     """Boxes ``[x1, y1, x2, y2]`` in original image pixels, one dict per expression, with the
     subnet that found it (``describe``); ``amp`` as ``SubnetRunner``'s. The model keeps a
     runner, hence a cache of subnets, between calls (one per ``amp``)."""
-    from lads.models.text import load_tokenizer
+    return ground_image(model, model_runner(model, amp), image, expressions, mode, tokenizer)[1]
 
-    tokenizer = tokenizer or load_tokenizer(model.config.text.name)
-    inputs, meta = prepare_inputs(image, expressions, model.config, tokenizer)
-    device = next(model.parameters()).device
-    model.eval()
+
+def model_runner(model, amp: str = "none") -> "SubnetRunner":
+    """The ``SubnetRunner`` the model keeps for ``predict`` and ``predict_many`` (made again for
+    another ``amp``), with the model in eval mode."""
+    if model.training:
+        model.eval()
     if getattr(model, "_runner", None) is None or model._runner.amp != amp:
         model._runner = SubnetRunner(model, amp=amp)
-    result = model._runner(**{k: v.to(device) for k, v in inputs.items()}, mode=mode)
-    return describe(model, result, meta, [expressions] if isinstance(expressions, str) else list(expressions),
-                    inputs["attention_mask"])
+    return model._runner
 
 
-def describe(model, result: dict, meta: dict, expressions: list[str], attention_mask) -> list[dict]:
-    """One dict per expression of a runner's ``result``: the box in original image pixels, the
-    subnet's size (``GateLayout.summary``), its FLOPs as a fraction of the dense network's at the
-    expression's length, and whether the subnet came from the cache."""
+def ground_image(model, runner, image, expressions: list[str] | str, mode: str = "subnet", tokenizer=None):
+    """One image and its expressions through ``runner`` (the model's ``SubnetRunner``), the
+    image through the visual backbone once per gate pattern: the runner's result and
+    ``describe``'s dicts."""
+    expressions = [expressions] if isinstance(expressions, str) else list(expressions)
+    inputs, meta = prepare_inputs(image, expressions, model.config, tokenizer or model.tokenizer)
+    device = next(model.parameters()).device
+    result = runner(inputs["images"][:1].to(device), inputs["pixel_mask"][:1].to(device),
+                    inputs["input_ids"].to(device), inputs["attention_mask"].to(device), mode=mode,
+                    image_index=torch.zeros(len(expressions), dtype=torch.long, device=device))
+    return result, describe(model, result, [meta] * len(expressions), expressions, inputs["attention_mask"])
+
+
+def describe(model, result: dict, metas: list[dict], expressions: list[str], attention_mask) -> list[dict]:
+    """One dict per expression of a runner's ``result``: the box in original image pixels (by
+    the letterbox ``metas[j]`` of its image), the subnet's size (``GateLayout.summary``), its
+    FLOPs as a fraction of the dense network's at the expression's length, and whether the
+    subnet came from the cache."""
     from lads.datasets.transforms import box_to_original
 
     cached = {row: hit for rows, hit in zip(result["groups"], result["cached"]) for row in rows}
+    gates, boxes, sizes = result["gates"], result["boxes"].float().cpu(), {}
     out = []
     for j, expression in enumerate(expressions):
-        box = box_to_original(result["boxes"][j].float().cpu(), meta)
-        out.append({"expression": expression, "box": [round(float(v), 2) for v in box],
-                    **model.layout.summary(result["gates"], j),
-                    "flops": round(model.subnet_flops(result["gates"], j, int(attention_mask[j].sum())), 4),
-                    "cache_hit": cached.get(j)})
+        length = int(attention_mask[j].sum())
+        key = (cached.get(j) is not None and gate_key(gates, j), length)  # one pattern, one size
+        if not key[0] or key not in sizes:
+            sizes[key] = {**model.layout.summary(gates, j), "flops": round(model.subnet_flops(gates, j, length), 4)}
+        out.append({"expression": expression, "box": [round(float(v), 2) for v in box_to_original(boxes[j], metas[j])],
+                    **sizes[key], "cache_hit": cached.get(j)})
     return out
 
 
@@ -129,9 +147,11 @@ class SubnetRunner:
     weights change (an optimizer step, ``load_state_dict``, moving the model): a stale subnet is
     never served.
 
-    ``runner(images, pixel_mask, input_ids, attention_mask, mode="subnet")`` with
-    ``images`` (B, 3, H, W) float, ``pixel_mask`` (B, H, W) bool (True = padding),
-    ``input_ids`` (B, L) long, ``attention_mask`` (B, L); row i is expression i on image i.
+    ``runner(images, pixel_mask, input_ids, attention_mask, mode="subnet", image_index=None)``
+    with ``images`` (N, 3, H, W) float, ``pixel_mask`` (N, H, W) bool (True = padding),
+    ``input_ids`` (B, L) long, ``attention_mask`` (B, L); row i is expression i on image
+    ``image_index[i]`` ((B,) long; default: image i, N = B). In ``subnet`` mode the visual
+    backbone runs once per image and gate pattern.
     Returns a dict:
 
     - ``boxes``: (B, 4) normalised (cx, cy, w, h), in input order, of the model's inference
@@ -193,24 +213,28 @@ class SubnetRunner:
         return subnet, False
 
     @torch.inference_mode()
-    def __call__(self, images, pixel_mask, input_ids, attention_mask, mode: str = "subnet") -> dict:
+    def __call__(self, images, pixel_mask, input_ids, attention_mask, mode: str = "subnet",
+                 image_index=None) -> dict:
         with autocast(images.device, self.amp):
-            return self._run(images, pixel_mask, input_ids, attention_mask, mode)
+            return self._run(images, pixel_mask, input_ids, attention_mask, mode, image_index)
 
-    def _run(self, images, pixel_mask, input_ids, attention_mask, mode: str) -> dict:
+    def _run(self, images, pixel_mask, input_ids, attention_mask, mode: str, image_index) -> dict:
         model = self.model
         if mode not in MODES:
             raise LadsError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if model.training:
             raise LadsError("SubnetRunner: the model is in training mode; call model.eval() first")
-        check_inputs(images, pixel_mask, input_ids, attention_mask)
+        check_inputs(images, pixel_mask, input_ids, attention_mask, image_index)
+        if image_index is not None and mode != "subnet":  # the supernet reads one image per row
+            images, pixel_mask, image_index = images[image_index], pixel_mask[image_index], None
         clock = _Clock(images.device)
+        batch = len(input_ids)
 
         text, text_mask = model.encode_text(input_ids, attention_mask)
         if model.gating is None or mode == "dense":
             gates = Gates(
-                images.new_ones(len(images), model.layout.num_layer_gates),
-                images.new_ones(len(images), model.layout.num_filter_gates),
+                images.new_ones(batch, model.layout.num_layer_gates),
+                images.new_ones(batch, model.layout.num_filter_gates),
             )
         else:
             gates = model.gates(text, text_mask)[0]
@@ -219,25 +243,31 @@ class SubnetRunner:
         hits = misses = 0
         cached = []
         if mode == "subnet":
-            groups = group_by_pattern(gates)
+            groups = list(group_by_pattern(gates).items())
             plan = self.plan()
-            heads = {}
-            images = images.contiguous(memory_format=self.memory_format)
-            for key, rows in groups.items():
+            subnets = []
+            for key, rows in groups:
                 subnet, hit = self.subnet(key, gates.map(lambda g: g[rows[:1]]), plan)
                 hits, misses = hits + hit, misses + (not hit)
+                subnets.append(subnet)
                 cached.append(hit)
-                times["extract"] += clock.lap()
-                idx = torch.tensor(rows, device=images.device)
-                out = subnet(images[idx], pixel_mask[idx], text[idx], text_mask[idx])
+            times["extract"] = clock.lap()
+            rows = [torch.tensor(r, device=images.device) for _, r in groups]
+            image_index = torch.arange(batch, device=images.device) if image_index is None else image_index
+            used, inverse = zip(*(image_index[r].unique(return_inverse=True) for r in rows))
+            images = images.contiguous(memory_format=self.memory_format)
+            heads = {}
+            for subnet, idx, u, inv, x in zip(subnets, rows, used, inverse,
+                                              shared_backbones(subnets, images, list(used))):
+                out = subnet.fuse(x, pixel_mask[u], text[idx], text_mask[idx], inv)
                 for name, boxes in out["heads"].items():
-                    heads.setdefault(name, images.new_empty(len(images), 4))[idx] = boxes.to(images.dtype)
-                times["forward"] += clock.lap()
-            groups = list(groups.values())
+                    heads.setdefault(name, images.new_empty(batch, 4))[idx] = boxes.to(images.dtype)
+            times["forward"] = clock.lap()
+            groups = [r for _, r in groups]
         else:
             heads = model.ground(images, pixel_mask, text, text_mask, None if mode == "dense" else gates)["heads"]
             times["forward"] = clock.lap()
-            groups, cached = [list(range(len(images)))], [None]
+            groups, cached = [list(range(batch))], [None]
         times["total"] = sum(times.values())
         return {"boxes": heads[model.config.head], "heads": heads, "gates": gates, "times": times,
                 "groups": groups, "cached": cached, "cache": {"hits": hits, "misses": misses}}

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from lads import deploy
+from lads import export
 from lads.cli import main
 from lads.errors import LadsError
 from lads.models.subnet import random_gates
@@ -72,20 +72,20 @@ def test_round_trip_matches_pytorch_subnet(model, tmp_path, format, pattern):
     """The file (traced at batch 1) run at batch 2 on another text length gives the boxes of the
     subnet PyTorch extracts (unfolded, text through ``encode_text``), head and token head."""
     gates = PATTERNS[pattern](model.layout)
-    path = tmp_path / f"subnet{deploy.FORMATS[format]}"
-    module = deploy.export_subnet(model, path, gates=gates, format=format)
+    path = tmp_path / f"subnet{export.FORMATS[format]}"
+    module = export.export_subnet(model, path, gates=gates, format=format)
     assert module.output_names == ["boxes", "token_scores", "token_boxes"]  # tiny: model.head=token
 
-    inputs = deploy.sample_inputs(model, EXPRESSIONS, seed=1)
+    inputs = export.sample_inputs(model, EXPRESSIONS, seed=1)
     images, pixel_mask, input_ids, attention_mask = inputs
     assert attention_mask[0].sum() < attention_mask.shape[1]  # the first row has padding
     with torch.no_grad():
         expected = model.extract_subnet(gates)(images, pixel_mask, *model.encode_text(input_ids, attention_mask))
-    boxes, scores, token_boxes = deploy.run_exported(path, format, inputs)
+    boxes, scores, token_boxes = export.run_exported(path, format, inputs)
     torch.testing.assert_close(boxes, expected["boxes"], atol=ATOL, rtol=0)
     torch.testing.assert_close(token_boxes, expected["token_boxes"], atol=ATOL, rtol=0)
     torch.testing.assert_close(scores, expected["token_scores"], atol=ATOL, rtol=0)  # -inf on padding alike
-    assert deploy.check_export(model, module, path, format, "the red circle") < ATOL
+    assert export.check_export(model, module, path, format, "the red circle") < ATOL
 
 
 def test_paper_head_exports_boxes_only(tiny_text_dir, tmp_path):
@@ -95,9 +95,9 @@ def test_paper_head_exports_boxes_only(tiny_text_dir, tmp_path):
     torch.manual_seed(0)
     model = build_model("tiny", [f"model.text.name={tiny_text_dir}", "model.text.num_layers=2", "model.head=cls",
                                  "model.loss.token=0", "model.loss.token_box=0"]).eval()
-    module = deploy.export_subnet(model, tmp_path / "cls.onnx", gates=closed_groups(model.layout))
+    module = export.export_subnet(model, tmp_path / "cls.onnx", gates=closed_groups(model.layout))
     assert module.output_names == ["boxes"]
-    assert deploy.check_export(model, module, tmp_path / "cls.onnx", "onnx", "the red circle") < ATOL
+    assert export.check_export(model, module, tmp_path / "cls.onnx", "onnx", "the red circle") < ATOL
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
@@ -106,21 +106,21 @@ def test_onnx_graph_holds_only_the_subnet(model, tmp_path, pattern):
     import onnx
 
     gates = PATTERNS[pattern](model.layout)
-    module = deploy.export_subnet(model, tmp_path / "subnet.onnx", gates=gates)
+    module = export.export_subnet(model, tmp_path / "subnet.onnx", gates=gates)
     graph = onnx.load(str(tmp_path / "subnet.onnx")).graph
     subnet = module.subnet
     convs = 1 + sum(len(b.branch or ()) + (b.downsample is not None) for b in subnet.blocks) + 1  # stem, visual_proj
     assert sum(node.op_type == "Conv" for node in graph.node) == convs
     assert sum(node.op_type == "BatchNormalization" for node in graph.node) == 0
-    assert [i.name for i in graph.input] == list(deploy.INPUTS)
+    assert [i.name for i in graph.input] == list(export.INPUTS)
 
 
 def test_gate_pattern_file_round_trip(model, tmp_path):
     gates = closed_groups(model.layout)
-    path = deploy.write_gate_pattern(tmp_path / "p.gates.json", model.layout, gates, "the red circle")
+    path = export.write_gate_pattern(tmp_path / "p.gates.json", model.layout, gates, "the red circle")
     pattern = json.loads(path.read_text())
     assert pattern["layer"]["layer2.1"] == 0 and pattern["filter"]["layer1.0"] == "0" * 16
-    read, expression = deploy.read_gate_pattern(path, model.layout)
+    read, expression = export.read_gate_pattern(path, model.layout)
     assert expression == "the red circle"
     assert torch.equal(read.layer, gates.layer) and torch.equal(read.filter, gates.filter)
 
@@ -129,7 +129,7 @@ def test_cli_exports_a_gate_pattern_file(model, checkpoint, tmp_path, capsys):
     """``--gates FILE``: the file's subnet, checked under onnxruntime; its pattern is written
     back beside it unchanged."""
     gates = closed_groups(model.layout)
-    pattern = deploy.write_gate_pattern(tmp_path / "in.gates.json", model.layout, gates, "the star")
+    pattern = export.write_gate_pattern(tmp_path / "in.gates.json", model.layout, gates, "the star")
     out = tmp_path / "deploy" / "star.onnx"
     assert main(["export", "--checkpoint", str(checkpoint), "--gates", str(pattern), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -143,8 +143,8 @@ def test_cli_exports_an_expression(model, checkpoint, tmp_path, capsys, monkeypa
     monkeypatch.chdir(tmp_path)
     assert main(["export", "--checkpoint", str(checkpoint), "--expr", "the red circle", "--format", "torchscript"]) == 0
     assert "checked: torch.jit.load boxes match PyTorch's" in capsys.readouterr().out
-    read, expression = deploy.read_gate_pattern(tmp_path / "subnet.gates.json", model.layout)
-    expected = deploy.expression_gates(model, "the red circle")
+    read, expression = export.read_gate_pattern(tmp_path / "subnet.gates.json", model.layout)
+    expected = export.expression_gates(model, "the red circle")
     assert expression == "the red circle" and torch.equal(read.layer, expected.layer)
     assert (tmp_path / "subnet.pt").is_file()
 
@@ -158,7 +158,7 @@ def test_cli_bad_arguments(checkpoint, tmp_path, capsys):
         return capsys.readouterr().err
 
     assert "--format: invalid choice: 'tflite'" in error("--checkpoint", checkpoint, "--expr", "x", "--format", "tflite")
-    assert "one of the arguments --expr --gates is required" in error("--checkpoint", checkpoint)
+    assert "one of the arguments --expr --gates --bank is required" in error("--checkpoint", checkpoint)
     assert error("--checkpoint", tmp_path / "nowhere", "--expr", "x").startswith(
         f"lads export: error: checkpoint {tmp_path / 'nowhere'}: no such folder")
     assert f"--gates {tmp_path / 'none.json'}: no such file" in error("--checkpoint", checkpoint, "--gates",
@@ -184,13 +184,13 @@ def test_cli_bad_arguments(checkpoint, tmp_path, capsys):
 ], ids=["not-json", "a-list", "unknown-key", "missing-gate", "no-layer-gate", "not-a-bit", "a-bool",
         "short", "a-list-of-bits", "filter-not-an-object"])
 def test_malformed_pattern_file_names_the_file(model, tmp_path, edit, message):
-    good = json.loads(deploy.write_gate_pattern(tmp_path / "good.json", model.layout,
+    good = json.loads(export.write_gate_pattern(tmp_path / "good.json", model.layout,
                                                 random_gates(model.layout, 0.5)).read_text())
     path = tmp_path / "bad.gates.json"
     edited = edit(good)
     path.write_text(edited if isinstance(edited, str) else json.dumps(edited))
     with pytest.raises(LadsError, match=f"^{path}: ") as caught:
-        deploy.read_gate_pattern(path, model.layout)
+        export.read_gate_pattern(path, model.layout)
     assert message in str(caught.value)
 
 
@@ -200,24 +200,24 @@ def test_missing_packages_name_the_pip_command(model, checkpoint, tmp_path, monk
     gates = random_gates(model.layout, 0.5)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime raises ImportError
     with pytest.raises(LadsError, match=r"needs onnxruntime: pip install 'lads\[export\]'"):
-        deploy.run_exported(tmp_path / "subnet.onnx", "onnx", deploy.sample_inputs(model, ["x"]))
+        export.run_exported(tmp_path / "subnet.onnx", "onnx", export.sample_inputs(model, ["x"]))
     assert main(["export", "--checkpoint", str(checkpoint), "--expr", "x", "--out", str(tmp_path / "a.onnx")]) == 0
     assert f"lads export: warning: {tmp_path / 'a.onnx'} not checked: onnxruntime is not installed (pip install " \
            in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "onnx", None)
     with pytest.raises(LadsError, match=r"needs the onnx package: pip install 'lads\[export\]'"):
-        deploy.export_subnet(model, tmp_path / "b.onnx", gates=gates)
+        export.export_subnet(model, tmp_path / "b.onnx", gates=gates)
     assert not (tmp_path / "b.onnx").exists()
 
 
 def test_library_bad_arguments(model, tmp_path):
     with pytest.raises(LadsError, match="format must be one of onnx, torchscript, got 'tflite'"):
-        deploy.export_subnet(model, tmp_path / "x", expression="the red circle", format="tflite")
+        export.export_subnet(model, tmp_path / "x", expression="the red circle", format="tflite")
     with pytest.raises(LadsError, match="give an expression or a gate pattern"):
-        deploy.export_subnet(model, tmp_path / "x")
+        export.export_subnet(model, tmp_path / "x")
     model.train()
     try:
         with pytest.raises(LadsError, match=r"eval mode on the CPU \(model.eval\(\).cpu\(\)\)"):
-            deploy.export_subnet(model, tmp_path / "x.onnx", expression="the red circle")
+            export.export_subnet(model, tmp_path / "x.onnx", expression="the red circle")
     finally:
         model.eval()

@@ -6,7 +6,8 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from lads.datasets.images import open_rgb, to_rgb
+from lads.datasets.images import open_rgb
+from lads.util.image import to_rgb
 
 COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
 

@@ -78,7 +78,7 @@ class Service:
         """A PIL image from uploaded bytes, or a ``RequestError`` saying what is wrong with them."""
         from PIL import Image, UnidentifiedImageError
 
-        from lads.datasets.images import upright_rgb
+        from lads.util.image import upright_rgb
 
         s = self.settings
         if not data:
@@ -122,16 +122,13 @@ class Service:
     def predict(self, data: bytes, expressions, dense: bool = False, drawing: bool = False) -> dict:
         """What ``lads predict`` prints for each expression, with its subnet's FLOPs and whether
         it came from the cache; the times of the call (ms); optionally the subnets drawn (PNG)."""
-        from lads.inference import describe, prepare_inputs
+        from lads.inference import ground_image
 
         image = self.read_image(data)
         expressions = self.check_expressions(expressions)
         started = time.perf_counter()
         with self.lock:
-            inputs, meta = prepare_inputs(image, expressions, self.model.config, self.model.tokenizer)
-            device = next(self.model.parameters()).device
-            result = self.runner(**{k: v.to(device) for k, v in inputs.items()}, mode="dense" if dense else "subnet")
-            predictions = describe(self.model, result, meta, expressions, inputs["attention_mask"])
+            result, predictions = ground_image(self.model, self.runner, image, expressions, "dense" if dense else "subnet")
         out = {"predictions": predictions, "mode": "dense" if dense else "subnet",
                "image_size": [image.width, image.height],
                "times_ms": {k: round(1000 * v, 2) for k, v in result["times"].items()},

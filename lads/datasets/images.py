@@ -2,30 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from lads.datasets.records import RecordError
-
-SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # "I": 16-bit PNGs in Pillow
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB from any mode: 16-bit scaled to 8-bit (not clipped), transparency over white."""
-    if img.mode in SIXTEEN_BIT_MODES:
-        scaled = np.rint(np.asarray(img, dtype=np.float64) / 257.0)  # 65535 -> 255
-        img = Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), "L")
-    if img.mode == "P" or "A" in img.mode:  # a palette may carry transparency
-        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, img.convert("RGBA"))
-    return img.convert("RGB")
-
-
-def upright_rgb(img: Image.Image) -> Image.Image:
-    """An opened image decoded now (a truncated file fails here, not later), upright (EXIF
-    orientation applied), in RGB."""
-    img.load()
-    return to_rgb(ImageOps.exif_transpose(img))
+from lads.util.image import upright_rgb
 
 
 def open_rgb(path: str, record: str = "") -> Image.Image:

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
-MEAN = (0.485, 0.456, 0.406)  # ImageNet
-STD = (0.229, 0.224, 0.225)
+from lads.util import image as letterbox
+from lads.util.image import resize_long_side, start_meta
 
 
 @dataclass
@@ -98,39 +98,21 @@ def crop_keeping_box(img: Image.Image, box, min_side: float, rng) -> tuple[int, 
     return x0, y0, x1, y1
 
 
-def resize_long_side(img: Image.Image, long_side: int) -> Image.Image:
-    scale = long_side / max(img.size)
-    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-    return img.resize(size, Image.Resampling.BILINEAR)
-
-
 def color_jitter(img: Image.Image, strength: float, rng) -> Image.Image:
     for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
         img = enhance(img).enhance(rng.uniform(1 - strength, 1 + strength))
     return img
 
 
-def pad_to_square(img: Image.Image, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised (3, size, size) image, top-left aligned, and its mask (True = padding)."""
-    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    pixels = (pixels - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
-    image = torch.zeros(3, size, size)
-    image[:, : img.height, : img.width] = pixels
-    mask = torch.ones(size, size, dtype=torch.bool)
-    mask[: img.height, : img.width] = False
-    return image, mask
-
-
 def _resize(img, box, long_side: int, meta: dict):
     """Resize the long side to ``long_side``, scaling ``box`` (if any) along."""
-    resized = resize_long_side(img, long_side)
-    sx, sy = resized.width / img.width, resized.height / img.height
-    meta.update(scale=(sx, sy), content=resized.size)
+    resized = resize_long_side(img, long_side, meta)
+    sx, sy = meta["scale"]
     return resized, None if box is None else (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
 
 def _output(img, box, text, meta):
-    image, mask = pad_to_square(img, meta["image_size"])
+    image, mask = map(torch.from_numpy, letterbox.pad_to_square(img, meta["image_size"]))
     target = None
     if box is not None:
         x1, y1, x2, y2 = (v / meta["image_size"] for v in box)
@@ -138,14 +120,12 @@ def _output(img, box, text, meta):
     return image, mask, target, text, meta
 
 
-def _start_meta(img, size):
-    return {"size": img.size, "image_size": size, "crop": (0, 0), "flipped": False}
 
 
 def eval_transform(img: Image.Image, box, text: str, size: int):
     """``(image, pixel_mask, box_cxcywh, text, meta)``: letterbox to a ``size`` square.
     ``box`` may be None (inference), and then so is ``box_cxcywh``."""
-    meta = _start_meta(img, size)
+    meta = start_meta(img, size)
     img, box = _resize(img, box, size, meta)
     return _output(img, box, text, meta)
 
@@ -155,7 +135,7 @@ def train_transform(img: Image.Image, box, text: str, size: int, augment: Augmen
 
     The hue turns only where the expression names no colour, so the label stays true: "the
     star" in any hue (docs/design.md §5a)."""
-    meta = _start_meta(img, size)
+    meta = start_meta(img, size)
     if rng.random() < augment.crop:
         x0, y0, x1, y1 = crop_keeping_box(img, box, augment.crop_min, rng)
         img, box = img.crop((x0, y0, x1, y1)), (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
@@ -173,13 +153,5 @@ def train_transform(img: Image.Image, box, text: str, size: int, augment: Augmen
 
 def box_to_original(box, meta) -> torch.Tensor:
     """A ``(cx, cy, w, h)`` box normalised to the padded square -> ``(x1, y1, x2, y2)``
-    pixels in the original image, clipped to it. Inverts both transforms."""
-    cx, cy, w, h = (torch.as_tensor(box, dtype=torch.float32) * meta["image_size"]).unbind(-1)
-    x1, x2 = cx - w / 2, cx + w / 2
-    if meta["flipped"]:
-        x1, x2 = meta["content"][0] - x2, meta["content"][0] - x1
-    (sx, sy), (x0, y0), (width, height) = meta["scale"], meta["crop"], meta["size"]
-    y1, y2 = cy - h / 2, cy + h / 2
-    out = torch.stack([x1 / sx + x0, y1 / sy + y0, x2 / sx + x0, y2 / sy + y0], -1)
-    limit = out.new_tensor([width, height, width, height])
-    return torch.minimum(out.clamp(min=0), limit)
+    pixels in the original image, clipped to it (``lads.util.image.box_to_original``)."""
+    return torch.from_numpy(letterbox.box_to_original(torch.as_tensor(box, dtype=torch.float32).numpy(), meta))

@@ -212,10 +212,12 @@ class FusionSublayer(nn.Module):
 
 
 class Subnet(nn.Module):
-    """The static network of one gate pattern: ``(images, pixel_mask, F_l, text_mask)`` -> the
-    boxes of ``read_boxes`` (``boxes`` of the inference head, ``heads``, token scores and boxes).
+    """The static network of one gate pattern: ``(images, pixel_mask, F_l, text_mask[,
+    image_index])`` -> the boxes of ``read_boxes`` (``boxes`` of the inference head, ``heads``, token scores and boxes).
 
-    ``blocks``/``block_names``: the bottlenecks that run; ``sublayers``/``sublayer_names``: the
+    ``blocks``/``block_names``: the bottlenecks that run, ``block_keys``: each one's name and
+    kept filters (two subnets whose keys agree up to k compute the same first k blocks);
+    ``sublayers``/``sublayer_names``: the
     fusion sublayers that run; ``gates``: the pattern (CPU); ``new_bytes``: the bytes of the
     tensors extraction made (the rest is the supernet's). Eval mode only.
     """
@@ -234,13 +236,15 @@ class Subnet(nn.Module):
         layer_gates, filter_gates, fusion_gates = model.layout.split(self.gates)
         self.fold_bn, self._plan_format = plan.fold_bn, (plan.memory_format, plan.dtype)
         self.stem, self.pool = plan["stem"], plan.pool
-        self.block_names, self.blocks = [], []
+        self.block_names, self.block_keys, self.blocks = [], [], []
         device = plan["stem"].weight.device
         for (name, has_layer_gate, downsample), g_layer, g_filter in zip(plan.blocks, layer_gates, filter_gates):
             if has_layer_gate and not bool(g_layer[0]):
                 continue  # Eq. 6: relu(x + 0) = x
+            keep = g_filter[0].nonzero().flatten()
             self.block_names.append(name)
-            self.blocks.append(plan.pruned(name, g_filter[0].nonzero().flatten().to(device), downsample))
+            self.block_keys.append((name, keep.numpy().tobytes()))
+            self.blocks.append(plan.pruned(name, keep.to(device), downsample))
         self.d_model = fusion.d_model  # read by input_sequence
         self.visual_proj, self.text_proj = fusion.visual_proj, fusion.text_proj
         self.sublayer_names, sublayers = [], []
@@ -255,13 +259,33 @@ class Subnet(nn.Module):
         self.new_bytes = sum(b.new_bytes for b in self.blocks)
         self.training = False
 
-    def forward(self, images, pixel_mask, text, text_mask):
-        if weights_version(self._tensors) != self._version:  # the supernet was trained or reloaded
+    def forward(self, images, pixel_mask, text, text_mask, image_index=None):
+        """``image_index`` (B,): row i grounds expression i on image ``image_index[i]``, so that
+        the visual backbone runs once per image (default: image i)."""
+        self.refresh()
+        return self.fuse(self.backbone(images), pixel_mask, text, text_mask, image_index)
+
+    def refresh(self):
+        """Extract again if the supernet was trained or reloaded since."""
+        if weights_version(self._tensors) != self._version:
             self._build(BackbonePlan(self.supernet.visual_backbone, self.fold_bn, *self._plan_format))
-        x = self.pool(F.relu(self.stem(images), inplace=True))
+
+    def stem_forward(self, images):
+        return self.pool(F.relu(self.stem(images), inplace=True))
+
+    def backbone(self, images):
+        """The visual features of the open bottlenecks."""
+        x = self.stem_forward(images)
         for block in self.blocks:
             x = block(x)
+        return x
+
+    def fuse(self, x, pixel_mask, text, text_mask, image_index=None):
+        """The fusion sublayers and heads on visual features ``x`` (N, C, h, w) of the images of
+        ``pixel_mask`` (N, H, W); row i of the text reads image ``image_index[i]``."""
         visual_mask = downsample_mask(pixel_mask, x.shape[-2:])
+        if image_index is not None:
+            x, visual_mask = x[image_index], visual_mask[image_index]
         x, pos, key_padding_mask = input_sequence(self, x, visual_mask, text, text_mask)
         for sublayer in self.sublayers:
             x = sublayer(x, pos, key_padding_mask)
@@ -292,6 +316,33 @@ class Subnet(nn.Module):
                 fusion += linear_flops(sublayer.linear1, batch * tokens) + linear_flops(sublayer.linear2, batch * tokens)
         head = head_flops(self.head, self.token_head, batch, batch * h * w)
         return {"backbone": backbone, "fusion": fusion, "head": head, "total": backbone + fusion + head}
+
+
+def shared_backbones(subnets: list[Subnet], images: torch.Tensor, used: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The visual features of each subnet on its images (``used[s]``: sorted indices into
+    ``images``), with what subnets share computed once: the stem on every image, and each
+    bottleneck once per image and sequence of bottlenecks before it (a prefix tree over
+    ``block_keys``). Equals ``[s.backbone(images[u]) for s, u in zip(subnets, used)]``; the
+    subnets come from one ``BackbonePlan``, hence share the stem."""
+    out: list[torch.Tensor | None] = [None] * len(subnets)
+
+    def descend(members: list[int], depth: int, x: torch.Tensor, have: torch.Tensor):
+        children: dict = {}
+        for s in members:
+            if len(subnets[s].block_keys) == depth:
+                out[s] = x[torch.searchsorted(have, used[s])]
+            else:
+                children.setdefault(subnets[s].block_keys[depth], []).append(s)
+        for group in children.values():
+            need = torch.unique(torch.cat([used[s] for s in group]))
+            rows = x if len(need) == len(have) else x[torch.searchsorted(have, need)]
+            descend(group, depth + 1, subnets[group[0]].blocks[depth](rows), need)
+
+    for subnet in subnets:
+        subnet.refresh()
+    have = torch.unique(torch.cat(used))
+    descend(list(range(len(subnets))), 0, subnets[0].stem_forward(images[have]), have)
+    return out
 
 
 def extract_subnet(model, gates: Gates, fold_bn: bool = False, plan: BackbonePlan | None = None) -> Subnet:

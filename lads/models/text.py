@@ -81,7 +81,7 @@ def load_tokenizer(name: str):
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     from transformers.utils import logging as hf_logging
 
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
@@ -124,7 +124,7 @@ class TextBackbone(nn.Module):
             raise LadsError(f"model.text.num_layers must be at least 1, got {num_layers}")
         config.num_hidden_layers = num_layers
         if pretrained:
-            with _quiet_transformers():  # it lists the dropped layers' weights as unexpected
+            with quiet_transformers():  # it lists the dropped layers' weights as unexpected
                 self.bert = BertModel.from_pretrained(source, config=config, add_pooling_layer=False)
         else:
             self.bert = BertModel(config, add_pooling_layer=False)
