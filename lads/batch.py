@@ -174,6 +174,17 @@ class _LoadImages(IterableDataset):
             yield Loaded(q, torch.from_numpy(image), torch.from_numpy(mask), meta)
 
 
+def default_workers(model) -> int:
+    """Image-reading processes beside a model: on the CPU the cores its threads leave free
+    (none on 2 cores with torch's 2 threads: measured faster, benchmarks/README.md), on an
+    accelerator ``lads.util.dist.loader_workers``."""
+    from lads.util.dist import MAX_LOADER_WORKERS, available_cores, loader_workers
+
+    if next(model.parameters()).device.type != "cpu":
+        return loader_workers(None)
+    return max(0, min(MAX_LOADER_WORKERS, available_cores() - torch.get_num_threads()))
+
+
 def _as_is(item):
     return item
 
@@ -188,23 +199,24 @@ def as_queries(queries) -> Iterable[Query]:
     return (q if isinstance(q, Query) else query(n, q) for n, q in enumerate(queries))
 
 
-def predict_many(model, queries, batch_size: int = 32, num_workers: int | None = None, mode: str = "subnet",
+def predict_many(model, queries, batch_size: int = 64, num_workers: int | None = None, mode: str = "subnet",
                  amp: str = "none", after: dict | None = None) -> Iterator[dict]:
     """Answers for ``queries`` (``as_queries``' forms), in input order (the module's docstring).
 
     ``batch_size``: expressions grounded together; ``num_workers``: image-reading processes
-    (default: ``lads.util.dist.loader_workers``; a one-pass stream is read in this process);
+    (default: the cores that torch's threads leave free for a model on the CPU, else
+    ``lads.util.dist.loader_workers``; a one-pass stream is read in this process);
     ``mode`` and ``amp`` as ``SubnetRunner``'s; ``after``: the last answer already written
     (``{"line", "index", "image"}``, no ``index`` for an error): everything up to it is
     skipped, and a different image at its line is an error (the answers were for other input).
     """
     from lads.inference import describe, model_runner, tokenize
-    from lads.util.dist import loader_workers
 
     if batch_size < 1:
         raise LadsError(f"batch_size must be >= 1, got {batch_size}")
     queries = as_queries(queries)
-    workers = loader_workers(num_workers) if hasattr(queries, "__len__") else 0
+    workers = default_workers(model) if num_workers is None else num_workers
+    workers = workers if hasattr(queries, "__len__") else 0
     start = after["line"] if after else 0
     loader = DataLoader(_LoadImages(queries, model.config.image_size, start), batch_size=None,
                         num_workers=workers, collate_fn=_as_is)

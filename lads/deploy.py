@@ -45,12 +45,15 @@ class Deployment:
         if self.index.get("format") != BANK_FORMAT:
             raise LadsError(f"{index_path}: format {self.index.get('format')!r}, this runtime reads {BANK_FORMAT!r}")
         self._ort, self._options = onnxruntime, onnxruntime.SessionOptions()
+        # each file has its own thread pool: threads that spin-wait after a run would take the
+        # cores from the next file's run (measured 3x slower on 2 cores, benchmarks/README.md)
+        self._options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             self._options.intra_op_num_threads = threads
         self._sessions: dict[str, object] = {}
         self.tokenizer = Tokenizer.from_file(str(self.folder / self.index["tokenizer"]))
         self.tokenizer.enable_truncation(self.index["max_tokens"])
-        self.tokenizer.enable_padding(pad_id=self.tokenizer.token_to_id("[PAD]") or 0)
+        self._pad = self.tokenizer.token_to_id("[PAD]") or 0
         self.subnets = self.index["subnets"]
         self._files = {entry["pattern"]: entry["file"] for entry in self.subnets}
         width = self.index["layer_gates"] + self.index["filter_gates"]
@@ -74,9 +77,13 @@ class Deployment:
         for e in expressions:
             if not isinstance(e, str) or not e.strip():
                 raise LadsError(f"expression {e!r} is empty")
-        encodings = self.tokenizer.encode_batch(expressions)
-        ids = np.array([e.ids for e in encodings], dtype=np.int64)
-        return ids, np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        rows = [self.tokenizer.encode(e).ids for e in expressions]  # encode_batch's threads cost more here
+        length = max(map(len, rows))
+        ids = np.full((len(rows), length), self._pad, dtype=np.int64)
+        mask = np.zeros((len(rows), length), dtype=np.int64)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)], mask[i, : len(row)] = row, 1
+        return ids, mask
 
     def route(self, layer: np.ndarray, filt: np.ndarray) -> list[tuple[str, str]]:
         """Per expression (rows of the hard gates): the file that serves it and how (``own``,

@@ -252,6 +252,18 @@ class LADS(nn.Module):
             raise LadsError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         return predict(self, image, expressions, mode, tokenizer=self.tokenizer, amp=DTYPES[dtype])
 
+    def predict_many(self, queries, batch_size: int = 64, num_workers: int | None = None, mode: str = "subnet",
+                     dtype: str = "fp32"):
+        """Answers for many images, each with its expressions, in input order: an iterator of
+        dicts (``lads.batch.predict_many``; ``queries``: ``(image, expressions)`` pairs, dicts
+        ``{"image", "expressions"}``, or ``lads.batch``'s JSON-lines and folder readers)."""
+        from lads.batch import predict_many
+        from lads.util.amp import DTYPES
+
+        if dtype not in DTYPES:
+            raise LadsError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        return predict_many(self, queries, batch_size, num_workers, mode, DTYPES[dtype])
+
     def prepare(self, image, expressions) -> dict:
         """``images``, ``pixel_mask``, ``input_ids``, ``attention_mask`` for one image (a path or
         a PIL image) and its expressions, on the model's device: ``model(**model.prepare(…))``."""

@@ -43,13 +43,18 @@ def is_main() -> bool:
 MAX_LOADER_WORKERS = 8
 
 
+def available_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def loader_workers(configured: int | None) -> int:
     """``data.num_workers`` when set; else what this process's share of the machine's cores
     leaves beside it: cores / training processes on this machine − 1, from 0 to 8 (2 cores and
     one process: 1)."""
     if configured is not None:
         return configured
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = available_cores()
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(0, min(MAX_LOADER_WORKERS, cores // processes - 1))
 
