@@ -60,20 +60,28 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def setup(description: str, repeats: int, add_arguments) -> tuple:
+    """The arguments both inference benchmarks take (and ``add_arguments``' own), parsed;
+    torch's threads set; (args, the model, the records of ``--split``)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--split", default="test")
-    parser.add_argument("--expressions", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--out", required=True)
+    add_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, _ = load_model(args.checkpoint)
-    records, _ = load_records(args.data, args.split)
+    return args, load_model(args.checkpoint)[0], load_records(args.data, args.split)[0]
+
+
+def main():
+    def own(parser):
+        parser.add_argument("--expressions", type=int, default=1000)
+        parser.add_argument("--batch-size", type=int, default=64)
+
+    args, model, records = setup(__doc__, 3, own)
     queries = queries_of(records, args.expressions)
     n = sum(len(e) for _, e in queries)
     methods = {"per expression": lambda: per_expression(model, queries),

@@ -17,7 +17,6 @@ per expression.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
@@ -32,9 +31,8 @@ from lads.deploy import Deployment
 from lads.export import export_bank, export_subnet
 from lads.models.gating import Gates
 from lads.util.box_ops import box_iou
-from lads.util.checkpoint import load_model
 
-from batch_predict import cpu_name
+from batch_predict import cpu_name, setup
 
 
 def folder_bytes(path: Path) -> int:
@@ -42,19 +40,11 @@ def folder_bytes(path: Path) -> int:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--bank-split", help="the split whose patterns fill the bank (default: --split)")
-    parser.add_argument("--coverage", type=float, default=0.95)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    model, _ = load_model(args.checkpoint)
-    records, _ = load_records(args.data, args.split)
+    def own(parser):
+        parser.add_argument("--bank-split", help="the split whose patterns fill the bank (default: --split)")
+        parser.add_argument("--coverage", type=float, default=0.95)
+
+    args, model, records = setup(__doc__, 2, own)
     bank_records = records if not args.bank_split else load_records(args.data, args.bank_split)[0]
     work = Path(tempfile.mkdtemp(prefix="lads-bank-"))
     started = time.perf_counter()

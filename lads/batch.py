@@ -67,7 +67,7 @@ def query(line: int, item, root: Path | None = None) -> Query:
     for j, e in enumerate(expressions):
         if not isinstance(e, str) or not e.strip():
             return Query(line, image, [], f"expression {j} is empty or not a string: {e!r}")
-    if not isinstance(image, str) and not hasattr(image, "convert"):
+    if not isinstance(image, (str, Path)) and not hasattr(image, "convert"):
         return Query(line, None, [], f'"image" must be a path or a PIL image, got {type(image).__name__}')
     return Query(line, image, expressions)
 
@@ -266,16 +266,21 @@ def predict_many(model, queries, batch_size: int = 64, num_workers: int | None =
 
 def resume_point(path) -> dict | None:
     """The last complete answer of a file ``predict_to_file`` wrote (None when there is none);
-    a line cut short by a killed run is removed from the file."""
+    a line cut short by a killed run is removed from the file. Reads the file's tail only."""
     path = Path(path)
     if not path.exists() or path.stat().st_size == 0:
         return None
     with open(path, "rb+") as f:
-        data = f.read()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            f.truncate(end)
-    last = data[:end].rstrip(b"\n").rsplit(b"\n", 1)[-1]
+        size = start = f.seek(0, os.SEEK_END)
+        tail = b""
+        while start > 0 and tail.count(b"\n") < 2:  # the last complete line, whole
+            start = max(0, start - (1 << 16))
+            f.seek(start)
+            tail = f.read(size - start)
+        end = tail.rfind(b"\n") + 1
+        if start + end < size:
+            f.truncate(start + end)
+    last = tail[:end].rstrip(b"\n").rsplit(b"\n", 1)[-1]
     if not last:
         return None
     try:

@@ -50,8 +50,8 @@ def prepare_inputs(image, expressions: list[str] | str, config, tokenizer) -> tu
     letterbox's ``meta`` for ``box_to_original``. ``image``: a path or a PIL image (EXIF
     orientation honoured); ``config``: the model's ``ModelConfig``."""
     from lads.datasets.images import open_rgb
-    from lads.util.image import to_rgb
     from lads.datasets.transforms import eval_transform
+    from lads.util.image import to_rgb
 
     expressions = [expressions] if isinstance(expressions, str) else list(expressions)
     if not expressions:
@@ -108,8 +108,8 @@ def describe(model, result: dict, metas: list[dict], expressions: list[str], att
     out = []
     for j, expression in enumerate(expressions):
         length = int(attention_mask[j].sum())
-        key = (cached.get(j) is not None and gate_key(gates, j), length)  # one pattern, one size
-        if not key[0] or key not in sizes:
+        key = (gate_key(gates, j), length)  # one pattern and length, one size
+        if key not in sizes:
             sizes[key] = {**model.layout.summary(gates, j), "flops": round(model.subnet_flops(gates, j, length), 4)}
         out.append({"expression": expression, "box": [round(float(v), 2) for v in box_to_original(boxes[j], metas[j])],
                     **sizes[key], "cache_hit": cached.get(j)})
@@ -150,8 +150,8 @@ class SubnetRunner:
     ``runner(images, pixel_mask, input_ids, attention_mask, mode="subnet", image_index=None)``
     with ``images`` (N, 3, H, W) float, ``pixel_mask`` (N, H, W) bool (True = padding),
     ``input_ids`` (B, L) long, ``attention_mask`` (B, L); row i is expression i on image
-    ``image_index[i]`` ((B,) long; default: image i, N = B). In ``subnet`` mode the visual
-    backbone runs once per image and gate pattern.
+    ``image_index[i]`` ((B,) long; default: image i, N = B). In ``subnet`` mode each image
+    runs each bottleneck once per sequence of bottlenecks before it (``shared_backbones``).
     Returns a dict:
 
     - ``boxes``: (B, 4) normalised (cx, cy, w, h), in input order, of the model's inference

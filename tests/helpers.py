@@ -33,3 +33,13 @@ def engine_overrides(text_dir: str, data: str, out) -> list[str]:
         # weights to 1e-5 (bf16 and eval_every have their own tests)
         "train.amp=none", "train.eval_every=0",
     ]
+
+
+def queries_by_image(data: str, split: str | None) -> list[tuple[str, list[str]]]:
+    """(image, expressions) of a dataset's split (None: all), in the data's order."""
+    from lads.datasets import load_records
+
+    by_image: dict[str, list[str]] = {}
+    for r in load_records(data, split)[0]:
+        by_image.setdefault(r.image, []).append(r.expression)
+    return list(by_image.items())

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_predict import lads_cli
+from helpers import queries_by_image
+from test_predict import ENV, lads_cli
 
 from lads import LADS
 from lads.batch import FolderQueries, JsonlQueries, predict_many, predict_to_file
-from lads.datasets import load_records
 from lads.errors import LadsError
 from lads.inference import SubnetRunner
 from lads.models.subnet import extract_subnet, random_gates, shared_backbones
@@ -29,11 +31,7 @@ def model(trained):
 
 @pytest.fixture(scope="module")
 def queries(synth_data):
-    """(image, expressions) of the synthetic set's images, in the data's order."""
-    by_image: dict[str, list[str]] = {}
-    for r in load_records(synth_data, None)[0]:
-        by_image.setdefault(r.image, []).append(r.expression)
-    return list(by_image.items())
+    return queries_by_image(synth_data, None)
 
 
 def boxes(answers) -> np.ndarray:
@@ -197,3 +195,15 @@ def test_an_empty_input_writes_nothing(model, tmp_path):
     counts = predict_to_file(model, JsonlQueries(tmp_path / "q.jsonl"), tmp_path / "a.jsonl", progress=False)
     assert counts == {"answers": 0, "errors": 0, "skipped": 0}
     assert (tmp_path / "a.jsonl").read_text() == ""
+
+
+def test_benchmark_runs_small(trained, synth_data, tmp_path):
+    """benchmarks/batch_predict.py on 12 expressions, one round: its table and figures."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "batch_predict.py"), "--checkpoint", str(trained[0]),
+                           "--data", synth_data, "--split", "train", "--expressions", "12", "--repeats", "1",
+                           "--out", str(tmp_path)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "batch_predict.json").read_text())
+    assert result["expressions"] == 12 and result["max_box_difference_px"] <= 0.02
+    assert set(result["ratio"]) == {"predict_many / per expression", "predict_many / per image"}

@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import queries_by_image
 from test_predict import ENV, lads_cli
 
 from lads import LADS
@@ -40,10 +42,7 @@ def model(trained):
 
 @pytest.fixture(scope="module")
 def queries(synth_data):
-    by_image: dict[str, list[str]] = {}
-    for r in load_records(synth_data, "val")[0]:
-        by_image.setdefault(r.image, []).append(r.expression)
-    return list(by_image.items())
+    return queries_by_image(synth_data, "val")
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +144,18 @@ def test_export_bank_needs_expressions(model, tmp_path):
     with pytest.raises(LadsError, match="no expressions"):
         export_bank(model, [], tmp_path / "bank")
     assert not (tmp_path / "bank").exists()
+
+
+def test_benchmark_runs_small(trained, synth_data, tmp_path):
+    """benchmarks/deploy_bank.py on the val split, one pass: accuracy of both, how each
+    expression was served, sizes."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "deploy_bank.py"), "--checkpoint", str(trained[0]),
+                           "--data", synth_data, "--split", "val", "--coverage", "0.6", "--repeats", "1",
+                           "--threads", "1", "--out", str(tmp_path)], env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "deploy_bank.json").read_text())
+    assert abs(sum(s["share"] for s in result["served"].values()) - 1) < 1e-3
+    assert result["served"]["own"]["share"] >= 0.6 - 1e-3  # the bank holds val's own patterns
+    assert 0 < result["size_mib"]["dense_export"] and set(result["prec@0.5"]) == {"pytorch", "deployed"}
