@@ -310,6 +310,9 @@ def export_bank(model, expressions: list[str], folder, coverage: float = 0.95, s
         raise LadsError("export_bank: the model must be in eval mode on the CPU (model.eval().cpu())")
     if check and importlib.util.find_spec("onnxruntime") is None:
         raise LadsError(f"checking the bank needs onnxruntime: {PIP}")
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / BANK_INDEX).exists())):
+        raise LadsError(f"{folder}: exists and is not a bank (no {BANK_INDEX}); choose another folder")
     counts = pattern_counts(model, expressions)
     chosen, covered = [], 0
     for key, gates, n in counts:
@@ -317,44 +320,54 @@ def export_bank(model, expressions: list[str], folder, coverage: float = 0.95, s
             break
         chosen.append((key, gates, n))
         covered += n
-    folder = Path(folder)
+    every = Gates(torch.ones(1, model.layout.num_layer_gates), torch.ones(1, model.layout.num_filter_gates))
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tokenizer_files = model.tokenizer.save_pretrained(str(tmp / "text"))
-    if not (tmp / "text" / "tokenizer.json").exists():
-        raise LadsError(f"the text backbone's tokenizer has no tokenizer.json (wrote {tokenizer_files}): "
-                        "the runtime reads a fast tokenizer")
-    gating = ExportedGating(model)
-    tokens = sample_inputs(model, [SAMPLE_TEXT])[2:]
-    _write(gating, tokens, tmp / "gating.onnx")
-    if check:
-        _check_gating(model, gating, tmp / "gating.onnx")
-    diffs = []
-    every = Gates(torch.ones(1, model.layout.num_layer_gates), torch.ones(1, model.layout.num_filter_gates))
-    entries = []
-    from lads.inference import gate_key
-
-    for i, (key, gates, n) in enumerate([*chosen, (None, every, 0)]):
-        name = "dense.onnx" if key is None else f"subnet-{i:03d}.onnx"
-        module = ExportedSubnet(model, gates, bank=True)
-        _write(module, sample_inputs(model, [SAMPLE_TEXT], bank=True), tmp / name)
-        if check:
-            diffs.append(check_export(model, module, tmp / name, "onnx"))
-        entries.append({"file": name, "pattern": gate_key(gates, 0).hex(), "expressions": n,
-                        "share": round(n / len(expressions), 6), "flops": round(model.subnet_flops(gates, 0, 10), 4)})
-    index = {"format": BANK_FORMAT, "image_size": model.config.image_size,
-             "max_tokens": model.config.text.max_tokens, "head": model.config.head,
-             "layer_gates": model.layout.num_layer_gates, "filter_gates": model.layout.num_filter_gates,
-             "gating": "gating.onnx", "tokenizer": "text/tokenizer.json", "subnets": entries[:-1], "dense": entries[-1],
-             "split": {**(source or {}), "expressions": len(expressions), "patterns": len(counts),
-                       "coverage": coverage, "covered": round(covered / len(expressions), 6)},
-             "flops_at_tokens": 10, **({"max_abs_diff": max(diffs)} if check else {})}
-    (tmp / BANK_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    try:
+        entries, diff = _write_bank(model, tmp, [*chosen, (None, every, 0)], len(expressions), check)
+        index = {"format": BANK_FORMAT, "image_size": model.config.image_size,
+                 "max_tokens": model.config.text.max_tokens, "head": model.config.head,
+                 "layer_gates": model.layout.num_layer_gates, "filter_gates": model.layout.num_filter_gates,
+                 "gating": "gating.onnx", "tokenizer": "text/tokenizer.json", "subnets": entries[:-1],
+                 "dense": entries[-1],
+                 "split": {**(source or {}), "expressions": len(expressions), "patterns": len(counts),
+                           "coverage": coverage, "covered": round(covered / len(expressions), 6)},
+                 "flops_at_tokens": 10, **({"max_abs_diff": diff} if check else {})}
+        (tmp / BANK_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
     return index
+
+
+def _write_bank(model, folder: Path, patterns: list, total: int, check: bool) -> tuple[list[dict], float]:
+    """The tokenizer, ``gating.onnx`` and one file per pattern ((key, gates, count); key None:
+    ``dense.onnx``) in ``folder``: their index entries, and the largest box difference of a
+    file against PyTorch (0 without ``check``)."""
+    from lads.inference import gate_key
+
+    tokenizer_files = model.tokenizer.save_pretrained(str(folder / "text"))
+    if not (folder / "text" / "tokenizer.json").exists():
+        raise LadsError(f"the text backbone's tokenizer has no tokenizer.json (wrote {tokenizer_files}): "
+                        "the runtime reads a fast tokenizer")
+    gating = ExportedGating(model)
+    _write(gating, sample_inputs(model, [SAMPLE_TEXT])[2:], folder / "gating.onnx")
+    if check:
+        _check_gating(model, gating, folder / "gating.onnx")
+    entries, diff = [], 0.0
+    for i, (key, gates, n) in enumerate(patterns):
+        name = "dense.onnx" if key is None else f"subnet-{i:03d}.onnx"
+        module = ExportedSubnet(model, gates, bank=True)
+        _write(module, sample_inputs(model, [SAMPLE_TEXT], bank=True), folder / name)
+        if check:
+            diff = max(diff, check_export(model, module, folder / name, "onnx"))
+        entries.append({"file": name, "pattern": gate_key(gates, 0).hex(), "expressions": n,
+                        "share": round(n / total, 6), "flops": round(model.subnet_flops(gates, 0, 10), 4)})
+    return entries, diff
 
 
 def _check_gating(model, gating: ExportedGating, path: Path):

@@ -138,12 +138,17 @@ def test_cli_bad_bank_arguments_are_one_line(trained, synth_data, args, message)
     assert "Traceback" not in result.stderr
 
 
-def test_export_bank_needs_expressions(model, tmp_path):
+def test_export_bank_refuses_no_expressions_and_a_folder_that_is_not_a_bank(model, tmp_path):
     from lads.export import export_bank
 
     with pytest.raises(LadsError, match="no expressions"):
         export_bank(model, [], tmp_path / "bank")
     assert not (tmp_path / "bank").exists()
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "1.jpg").write_bytes(b"mine")
+    with pytest.raises(LadsError, match="exists and is not a bank"):
+        export_bank(model, ["the red circle"], tmp_path / "photos")
+    assert (tmp_path / "photos" / "1.jpg").read_bytes() == b"mine"
 
 
 def test_benchmark_runs_small(trained, synth_data, tmp_path):
