@@ -151,7 +151,7 @@ class _LoadImages(IterableDataset):
     def __iter__(self) -> Iterator[Loaded]:
         from lads.datasets.images import open_rgb
         from lads.datasets.records import RecordError
-        from lads.util.image import letterbox, to_rgb
+        from lads.util.image import letterbox
 
         worker = get_worker_info()
         step, offset = (1, 0) if worker is None else (worker.num_workers, worker.id)
@@ -166,7 +166,7 @@ class _LoadImages(IterableDataset):
                 yield Loaded(q)
                 continue
             try:
-                pil = open_rgb(q.image) if isinstance(q.image, (str, Path)) else to_rgb(q.image)
+                pil = open_rgb(q.image)
             except RecordError as e:
                 yield Loaded(Query(q.line, q.image, q.expressions, e.reason))
                 continue

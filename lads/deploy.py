@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from lads.errors import LadsError
-from lads.util.image import box_to_original, letterbox, upright_rgb
+from lads.util.image import box_to_original, letterbox, read_rgb
 
 BANK_INDEX = "bank.json"  # as lads.export writes it
 BANK_FORMAT = "lads-bank/1"
@@ -102,21 +102,15 @@ class Deployment:
 
     def predict(self, image, expressions: list[str] | str) -> list[dict]:
         """Boxes ``[x1, y1, x2, y2]`` in the image's pixels, one dict per expression, with the
-        file that ran it (``subnet``) and how it was chosen (``served``). ``image``: a path or a
-        PIL image (EXIF orientation honoured)."""
-        from PIL import Image
-
+        file that ran it (``subnet``) and how it was chosen (``served``). ``image``: a path (EXIF
+        orientation honoured) or a PIL image, read as ``model.predict`` reads it."""
         expressions = [expressions] if isinstance(expressions, str) else list(expressions)
         if not expressions:
             raise LadsError("give at least one expression")
-        if isinstance(image, (str, Path)):
-            try:
-                with Image.open(image) as img:
-                    image = upright_rgb(img)
-            except (OSError, ValueError) as e:
-                raise LadsError(f"image {image}: cannot read it ({e})") from None
-        else:
-            image = upright_rgb(image)
+        try:
+            image = read_rgb(image)
+        except (OSError, ValueError) as e:
+            raise LadsError(f"image {image}: cannot read it ({e})") from None
         pixels, pixel_mask, meta = letterbox(image, self.index["image_size"])
         ids, mask = self.tokens(expressions)
         text, layer, filt = self.session(self.index["gating"]).run(None, {"input_ids": ids, "attention_mask": mask})

@@ -14,7 +14,6 @@ from __future__ import annotations
 import textwrap
 import time
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,12 +50,11 @@ def prepare_inputs(image, expressions: list[str] | str, config, tokenizer) -> tu
     orientation honoured); ``config``: the model's ``ModelConfig``."""
     from lads.datasets.images import open_rgb
     from lads.datasets.transforms import eval_transform
-    from lads.util.image import to_rgb
 
     expressions = [expressions] if isinstance(expressions, str) else list(expressions)
     if not expressions:
         raise LadsError("give at least one expression")
-    pil = open_rgb(str(image)) if isinstance(image, (str, Path)) else to_rgb(image)
+    pil = open_rgb(image)
     tokens = tokenize(tokenizer, expressions, config.text.max_tokens)
     tensor, pixel_mask, _, _, meta = eval_transform(pil, None, "", config.image_size)
     n = len(expressions)

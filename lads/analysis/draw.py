@@ -7,7 +7,6 @@ import textwrap
 from pathlib import Path
 
 from lads.datasets.images import open_rgb
-from lads.util.image import to_rgb
 
 COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
 
@@ -22,7 +21,7 @@ def draw(image, predictions: list[dict], path, truths: list | None = None) -> Pa
 
     from lads.util.box_ops import box_iou
 
-    pil = open_rgb(str(image)) if isinstance(image, (str, Path)) else to_rgb(image)
+    pil = open_rgb(image)
     factor = max(1, 512 // max(pil.size))  # small images are enlarged so the labels are legible
     pil = pil.resize((pil.width * factor, pil.height * factor))
     canvas = ImageDraw.Draw(pil)

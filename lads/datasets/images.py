@@ -5,15 +5,14 @@ from __future__ import annotations
 from PIL import Image
 
 from lads.datasets.records import RecordError
-from lads.util.image import upright_rgb
+from lads.util.image import read_rgb
 
 
-def open_rgb(path: str, record: str = "") -> Image.Image:
-    """The image at ``path``, upright (EXIF orientation applied), in RGB."""
-    where = f"{record}, image {path}" if record else f"image {path}"
+def open_rgb(image, record: str = "") -> Image.Image:
+    """The image at a path, upright (EXIF orientation applied), in RGB; a PIL image in RGB."""
+    where = f"{record}, image {image}" if record else f"image {image}"
     try:
-        with Image.open(path) as img:
-            return upright_rgb(img)
+        return read_rgb(image)
     except FileNotFoundError:
         raise RecordError(where, "image not found") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:

@@ -9,6 +9,8 @@ geometric step so that :func:`box_to_original` maps a predicted box back to the 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -33,6 +35,14 @@ def upright_rgb(img: Image.Image) -> Image.Image:
     orientation applied), in RGB."""
     img.load()
     return to_rgb(ImageOps.exif_transpose(img))
+
+
+def read_rgb(image) -> Image.Image:
+    """A path (opened, decoded now, upright) or a PIL image, in RGB; Pillow's errors pass."""
+    if not isinstance(image, (str, Path)):
+        return to_rgb(image)
+    with Image.open(image) as img:
+        return upright_rgb(img)
 
 
 def resize_long_side(img: Image.Image, long_side: int, meta: dict) -> Image.Image:
