@@ -116,7 +116,7 @@ def lr_factor(step: int, warmup_steps: int, drop_step: int) -> float:
 
 
 def load_split(cfg: Config, split: str, train: bool, tokenizer):
-    from lads.datasets import load_records
+    from lads.datasets import read_dataset
     from lads.datasets.dataset import RecDataset
     from lads.datasets.transforms import Augment
 
@@ -127,9 +127,11 @@ def load_split(cfg: Config, split: str, train: bool, tokenizer):
     else:
         if not cfg.data.path:
             raise LadsError("data.path is not set: give --data PATH (a REFER folder, TransVG split folder or JSONL file)")
-        records, skipped = load_records(
-            cfg.data.path, split, image_root=cfg.data.image_root, split_by=cfg.data.split_by, strict=cfg.data.strict
-        )
+        contents = read_dataset(cfg.data.path, [split], image_root=cfg.data.image_root, split_by=cfg.data.split_by,
+                                strict=cfg.data.strict)
+        records, skipped = contents.records, contents.skipped_by_reason()
+        if dist.is_main() and contents.image_root is not None and contents.image_root.how not in ("given", "default"):
+            print(f"{cfg.data.path} [{split}]: {contents.image_root.describe()}")
         if skipped and dist.is_main():
             reasons = ", ".join(f"{n} {why}" for why, n in skipped.items())
             print(f"{cfg.data.path} [{split}]: skipped {sum(skipped.values())} records ({reasons})")

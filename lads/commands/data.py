@@ -1,4 +1,4 @@
-"""``lads data synth``, ``lads data stats`` and ``lads data index``."""
+"""``lads data synth``, ``lads data stats``, ``lads data index`` and ``lads data check``."""
 
 from __future__ import annotations
 
@@ -6,18 +6,20 @@ SUBCOMMANDS = {
     "synth": "generate the synthetic REC benchmark (REFER format)",
     "stats": "per-split statistics of one or more datasets",
     "index": "build the record tables of a config's mixture (once, before training)",
+    "check": "compare a copy of a dataset with its published counts and look for every image",
 }
 
 
 def add_arguments(parser):
     sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
-    adders = {"synth": _synth_arguments, "stats": _stats_arguments, "index": _index_arguments}
+    adders = {"synth": _synth_arguments, "stats": _stats_arguments, "index": _index_arguments,
+              "check": _check_arguments}
     for name, help_text in SUBCOMMANDS.items():
         adders[name](sub.add_parser(name, help=help_text, description=help_text))
 
 
 def run(args):
-    return {"synth": _synth, "stats": _stats, "index": _index}[args.data_command](args)
+    return {"synth": _synth, "stats": _stats, "index": _index, "check": _check}[args.data_command](args)
 
 
 def _synth_arguments(parser) -> None:
@@ -51,7 +53,6 @@ def _stats_arguments(parser):
 
 
 def _stats(args):
-    from collections import Counter
     from pathlib import Path
 
     from lads.datasets import read_dataset
@@ -66,13 +67,12 @@ def _stats(args):
         missing = None if args.no_image_check else {i for i in {r.image for r in dataset.records}
                                                      if not Path(i).is_file()}
         rows += split_rows(path, dataset, missing)
+        if dataset.image_root is not None:
+            notes.append(f"{path}: {dataset.image_root.describe()}")
         if missing:
             notes.append(f"{path}: {len(missing)} image file(s) missing (first: {min(missing)}); "
                          "--image-root names the folder the images are in")
-        reasons = Counter()
-        for (_, reason), n in dataset.skipped.items():
-            reasons[reason] += n
-        for reason, n in reasons.most_common():
+        for reason, n in dataset.skipped_by_reason().most_common():
             notes.append(f"{path}: skipped {n}: {reason} (first: {dataset.examples[reason]})")
     print(format_table(rows))
     if notes:
@@ -100,3 +100,34 @@ def _index(args):
     load_mixture(cfg.data)
     for source in cfg.data.mixture:
         print(f"{source.path}: {table_folder(source, cfg.data.index_dir)}")
+
+
+def _check_arguments(parser):
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="a REFER folder, a TransVG split folder or file, "
+                        "a Flickr30k Entities folder, ... (as for lads data stats)")
+    parser.add_argument("--split-by", help="REFER refs(<splitBy>).p to read (default: unc, then umd, berkeley, google)")
+    parser.add_argument("--image-root", help="folder the image paths are relative to (default: found, see docs/data.md)")
+    parser.add_argument("--expect", metavar="FILE.json",
+                        help="counts to compare with instead of the published ones: {split: {expressions, objects, images}}")
+    parser.add_argument("--no-image-check", action="store_true", help="compare the counts only")
+
+
+def _check(args) -> int:
+    """Exit status 1 when a count differs from the published one or an image is missing."""
+    from lads.datasets.check import check, read_expected
+
+    expected = read_expected(args.expect) if args.expect else None
+    failed, compared = [], set()
+    for path in args.paths:
+        report = check(path, image_root=args.image_root, split_by=args.split_by, expected=expected,
+                       images=not args.no_image_check)
+        print("\n".join(report.lines()))
+        compared.add(report.against)
+        if not report.ok:
+            failed.append(path)
+    if failed:
+        print(f"\nmismatch: {', '.join(failed)} (docs/data.md says where to get each dataset and how it is laid out)")
+        return 1
+    counts = " and ".join(f"every count as {a}" for a in sorted(compared - {None})) or "no counts to compare with"
+    print(f"\n{counts}" + ("" if args.no_image_check else ", every image present"))
+    return 0

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lads.datasets import flickr30k, jsonl, refer, transvg, visual_genome
+from lads.datasets.image_roots import ImageRoot
 from lads.datasets.records import Collector, Record
 from lads.errors import LadsError
 
@@ -36,6 +37,13 @@ class Contents:
     records: list[Record]
     skipped: Counter  # (split or None, reason) -> count
     examples: dict[str, str]  # reason -> the first record skipped for it
+    image_root: ImageRoot | None = None  # where image names were resolved, and how it was chosen
+
+    def skipped_by_reason(self) -> Counter:
+        counts = Counter()
+        for (_, reason), n in self.skipped.items():
+            counts[reason] += n
+        return counts
 
 
 def _sorted_splits(splits) -> list[str]:
@@ -86,7 +94,8 @@ def read_dataset(path, splits=None, *, image_root=None, split_by=None, strict=Fa
     if splits != [] and not collector.records and collector.skipped:
         first = next(iter(collector.examples.values()))
         raise LadsError(f"{path}: no usable records; e.g. {first}")
-    return Contents(_sorted_splits(found), collector.records, collector.skipped, collector.examples)
+    return Contents(_sorted_splits(found), collector.records, collector.skipped, collector.examples,
+                    collector.image_root)
 
 
 def load_records(path, split, *, image_root=None, split_by=None, strict=False):
@@ -102,9 +111,7 @@ def load_records(path, split, *, image_root=None, split_by=None, strict=False):
     """
     contents = read_dataset(path, None if split is None else [split], image_root=image_root,
                             split_by=split_by, strict=strict)
-    skipped = Counter()
-    for (_, reason), n in contents.skipped.items():
-        skipped[reason] += n
+    skipped = contents.skipped_by_reason()
     for reason, n in skipped.items():
         log.warning("%s: skipped %d record(s): %s (first: %s)", path, n, reason,
                     contents.examples[reason])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lads.datasets.image_roots import ImageRoot, given
 from lads.datasets.records import Collector, Record
 from lads.errors import LadsError
 
@@ -37,7 +38,8 @@ def _parse(line: str) -> dict:
 
 def read(path: Path, collector: Collector, *, image_root=None) -> set[str]:
     """Add the records of the wanted splits in ``path`` to ``collector``; return every split."""
-    image_root = Path(image_root) if image_root is not None else path.parent
+    collector.image_root = given(image_root) if image_root is not None else ImageRoot(path.parent, "the file's folder")
+    image_root = collector.image_root.path
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:

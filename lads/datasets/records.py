@@ -98,6 +98,7 @@ class Collector:
         self.records = [] if sink is None else sink
         self.skipped: Counter = Counter()
         self.examples: dict[str, str] = {}
+        self.image_root = None  # the ImageRoot the reader resolved image names against
 
     def wants(self, split: str) -> bool:
         return self.splits is None or split in self.splits

@@ -15,6 +15,7 @@ import pickle
 import re
 from pathlib import Path
 
+from lads.datasets.image_roots import find_image_root, given
 from lads.datasets.records import Collector, Record
 from lads.errors import LadsError
 
@@ -99,14 +100,31 @@ def read(folder: Path, collector: Collector, *, split_by=None, image_root=None) 
     if not wanted:
         return splits
     annotations, images = read_instances(folder / "instances.json")
-    image_root = Path(image_root) if image_root is not None else folder / "images"
+    collector.image_root = image_root = given(image_root) if image_root is not None else find_image_root(
+        folder / "images", folder, collections(folder.name), _first_file_name(wanted, annotations, images))
     for ref in wanted:
         where = f"{refs_path} ref {ref.get('ref_id')}"
         try:
-            _add_ref(ref, annotations, images, image_root, folder.name, where, collector)
+            _add_ref(ref, annotations, images, image_root.path, folder.name, where, collector)
         except (KeyError, TypeError, AttributeError) as e:
             collector.skip(str(ref.get("split")), where, f"malformed ref ({type(e).__name__}: {e})")
     return splits
+
+
+def collections(name: str) -> tuple[str, ...]:
+    """The image collections a REFER dataset's images may come from: ReferIt (``refclef``) shows
+    SAIAPR TC-12 images, the others COCO's; an unknown name may be either."""
+    name = name.lower()
+    return ("saiapr",) if name == "refclef" else ("coco",) if name.startswith("refcoco") else ("coco", "saiapr")
+
+
+def _first_file_name(refs, annotations, images) -> str | None:
+    for ref in refs:
+        ann = annotations.get(ref.get("ann_id")) if isinstance(ref, dict) else None
+        image = images.get(ann.get("image_id")) if isinstance(ann, dict) else None
+        if isinstance(image, dict) and isinstance(image.get("file_name"), str):
+            return image["file_name"]
+    return None
 
 
 def _add_ref(ref, annotations, images, image_root, dataset, where, collector):

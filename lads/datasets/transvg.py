@@ -12,11 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lads.datasets.image_roots import find_image_root, given
 from lads.datasets.records import Collector, Record
 from lads.errors import LadsError
 
 BOX_FORMATS = {"unc": "xywh", "unc+": "xywh", "gref": "xywh", "gref_umd": "xywh", "referit": "xyxy",
                "flickr": "xyxy"}
+COLLECTIONS = {"unc": "coco", "unc+": "coco", "gref": "coco", "gref_umd": "coco", "referit": "saiapr",
+               "flickr": "flickr30k"}
 FIELDS = {"flickr": ("img_file", "bbox", "phrase")}
 DEFAULT_FIELDS = ("img_file", "mask", "bbox", "phrase")  # then more, unused
 
@@ -36,7 +39,8 @@ def split_files(path: Path) -> dict[str, Path]:
     return {f.stem[len(ds) + 1 :]: f for f in files}
 
 
-def _load(path: Path) -> list:
+def load_items(path: Path) -> list:
+    """The list a split file holds, read with ``torch.load(weights_only=True)``."""
     import pickle
 
     import torch
@@ -57,13 +61,18 @@ def read(path: Path, collector: Collector, *, image_root=None) -> set[str]:
     ds = dataset_name(path)
     files = split_files(path)
     folder = path.parent if path.is_file() else path
-    image_root = Path(image_root) if image_root is not None else folder / "images"
+    root = given(image_root) if image_root is not None else None
     fields = FIELDS.get(ds, DEFAULT_FIELDS)
     expected = f"expected ({', '.join(fields)}{'' if ds in FIELDS else ', ...'})"
     for split, file in files.items():
         if not collector.wants(split):
             continue
-        for i, item in enumerate(_load(file)):
+        items = load_items(file)
+        if root is None:
+            first = next((item[0] for item in items if isinstance(item, (list, tuple)) and item), None)
+            root = find_image_root(folder / "images", folder, (COLLECTIONS[ds],), None if first is None else str(first))
+        collector.image_root = root
+        for i, item in enumerate(items):
             where = f"{file} item {i}"
             if not isinstance(item, (list, tuple)) or len(item) < len(fields):
                 collector.skip(split, where, expected)
@@ -71,7 +80,7 @@ def read(path: Path, collector: Collector, *, image_root=None) -> set[str]:
             values = dict(zip(fields, item))
             img_file, bbox, phrase = values["img_file"], values["bbox"], values["phrase"]
             record = Record(
-                image=str(image_root / str(img_file)),
+                image=str(root.path / str(img_file)),
                 expression=phrase.decode("utf-8") if isinstance(phrase, bytes) else phrase,
                 box=bbox,
                 dataset=ds,
