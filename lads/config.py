@@ -33,6 +33,7 @@ class VisualConfig:
     dilation: bool = False  # layer4 dilated instead of strided: C5 at stride 16 (DETR's DC5)
     frozen_stages: int = 1  # 0: nothing frozen, 1: stem + layer1 (DETR), ... 4: everything
     pretrained: Optional[str] = None  # torchvision-layout or DETR checkpoint, path or URL
+    allow_eval_overlap: bool = False  # start from weights that saw the evaluation images (design §4a): on purpose only
 
 
 @dataclass
@@ -169,7 +170,8 @@ class TrainConfig:
 @dataclass
 class PretrainConfig:
     """Detection pre-training of the visual backbone (``lads pretrain``), on the boxes of
-    ``data.path``; it stops after ``steps`` or ``max_minutes``, whichever comes first."""
+    ``data.path`` (a REFER folder, or a COCO instances file less the evaluation images of
+    ``data.exclude``); it stops after ``steps`` or ``max_minutes``, whichever comes first."""
 
     steps: int = 2000
     max_minutes: float = 4.0
@@ -177,6 +179,7 @@ class PretrainConfig:
     lr: float = 5e-4
     weight_decay: float = 1e-4
     hue: float = 0.0  # probability of a random hue rotation of an image (its colour labels then ignored)
+    init: Optional[str] = None  # start from these weights (e.g. torchvision's ImageNet ResNet-50), path or URL
     seed: int = 0
     out: str = "runs/pretrain"
 

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from lads import __version__
 from lads.config import Config, config_from_dict, to_dict
 from lads.errors import LadsError
+from lads.models.provenance import check_eval_overlap
 from lads.util import dist
 from lads.util.amp import autocast, grad_scaler, resolve_amp
 from lads.util.checkpoint import (init_weights, load_training_state, load_weights, read_meta,
@@ -226,6 +227,9 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
         print(f"train.amp=auto: {amp} on {device.type} ({'native' if amp == 'bf16' else 'no native'} bf16)")
     torch.manual_seed(t.seed)
     built = cfg.model
+    if not resume:
+        check_eval_overlap(cfg.model, cfg.data, read_meta(cfg.model.init)[1] if cfg.model.init else None,
+                           say=print if dist.is_main() else lambda _: None)
     if model is None:
         origin = resume or cfg.model.init
         built = restored_model_config(cfg.model, origin) if origin else cfg.model

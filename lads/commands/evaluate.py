@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lads.models.provenance import OVERLAP_WARNING
+
 
 def add_arguments(parser):
     parser.add_argument("--checkpoint", nargs="+", required=True, metavar="DIR",
@@ -48,6 +50,7 @@ def evaluate_checkpoints(checkpoints, data=None, splits=None, mode="subnet", bat
         kind = "dense" if cfg.model.dense else "static control" if cfg.model.gating.static else "LADS"
         name = f"{kind} ({run.name})"
         rows.append({"name": name, "checkpoint": str(ckpt), "mode": mode, "device": dist.device_name(device),
+                     "warning": OVERLAP_WARNING if cfg.model.visual.allow_eval_overlap else None,
                      "dtype": "float32" if dtype == "fp32" else f"{dtype} autocast",
                      "threads": torch.get_num_threads(), "splits": results})
     return rows
@@ -55,10 +58,13 @@ def evaluate_checkpoints(checkpoints, data=None, splits=None, mode="subnet", bat
 
 def markdown_table(rows: list[dict]) -> str:
     """Rows of models, columns of splits (Prec@0.5), then time and subnet size; a model with a
-    second head (docs/design.md §5a) gets a second row with the paper's [CLS] head."""
+    second head (docs/design.md §5a) gets a second row with the paper's [CLS] head. The first line
+    names the models whose starting weights saw evaluation images (design §4a), if any."""
     splits = list(dict.fromkeys(s for r in rows for s in r["splits"]))
     head = ["Method", *splits, "Time (ms)", "Layers kept", "Filters kept", "FLOPs kept"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    overlapping = [r["name"] for r in rows if r.get("warning")]
+    lines = [f"**Warning: {', '.join(overlapping)} {OVERLAP_WARNING}.**", ""] if overlapping else []
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         res = r["splits"]
         n = sum(v["expressions"] for v in res.values())

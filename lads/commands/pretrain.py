@@ -15,13 +15,18 @@ With ``pretrain.hue`` a training image has its hue turned at random (``rotate_hu
 probability, and its objects' colour is then not a target: shapes are seen in every colour,
 as ``data.hue`` shows them to the REC training (docs/design.md §5a).
 
-Only images with a ref in the training split are used. The backbone trains with batch norm
-(its statistics load into frozen batch norm as well). Writes ``OUT/visual.safetensors`` in
-torchvision's layout, which ``model.visual.pretrained`` loads, and ``OUT/meta.json``.
+From a REFER folder, only images with a ref in the training split are used. From a COCO
+``instances_train2014.json`` (COCO's own format), every image with an object, less the images of
+the evaluation splits of the REFER datasets in ``data.exclude``: leak-free weights for them
+(docs/design.md §4a), started from ``pretrain.init`` if given (ImageNet weights). The backbone
+trains with batch norm (its statistics load into frozen batch norm as well). Writes
+``OUT/visual.safetensors`` in torchvision's layout, which ``model.visual.pretrained`` loads, with
+what its images left out in the file's metadata, and ``OUT/meta.json``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -34,10 +39,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from lads.config import Config
 from lads.datasets import refer
+from lads.datasets.check import dataset_key
+from lads.datasets.image_roots import find_image_root, given
 from lads.datasets.images import open_rgb
+from lads.datasets.mixture import eval_coco_ids
 from lads.datasets.transforms import eval_transform, rotate_hue
 from lads.errors import LadsError
-from lads.models.backbone import VisualBackbone
+from lads.models.backbone import VisualBackbone, load_visual_weights
+from lads.models.provenance import TRANSVG_AS_REFER, Provenance, image_collection, provenance_of
 from lads.util.amp import autocast, grad_scaler, resolve_amp
 from lads.util.dist import loader_workers, local_device
 
@@ -46,29 +55,31 @@ COLOUR_KEYS = ("colour", "color")  # attributes that a hue rotation makes untrue
 
 
 class ObjectScenes(Dataset):
-    """The training images of a REFER folder with all their objects.
+    """The training images of a REFER folder, or of a COCO ``instances.json``, with all their objects.
 
     An item is ``(image, objects)``: the letterboxed image (3, S, S) and a (n, 4 + K) tensor,
     per object its (cx, cy, w, h) normalised to the padded square and its K class indices
     (category first, then the attributes in ``self.heads`` order; -100 where not annotated, and
     for the colour of an image whose hue was turned, with probability ``hue``).
+
+    From a REFER folder, the images with a ref in ``split``; from a COCO file, every image with an
+    object that is not a crowd, less those of the evaluation splits of the ``exclude`` datasets
+    (``EvalSet``s). ``provenance`` says what the weights trained on them will have seen.
     """
 
-    def __init__(self, folder, split: str, image_size: int, image_root=None, split_by=None, hue: float = 0.0):
-        folder = Path(folder)
-        if not folder.is_dir() or not refer.split_bys(folder):
-            raise LadsError(
-                f"data.path {folder}: lads pretrain needs a REFER folder (refs(<splitBy>).p and "
-                "instances.json), for the boxes of every object"
-            )
-        _, refs = refer.read_refs(folder, split_by)
-        wanted = {r["image_id"] for r in refs if str(r.get("split")) == split}
-        if not wanted:
-            raise LadsError(f"data.path {folder}: no ref in split {split!r}")
-        annotations, images = refer.read_instances(folder / "instances.json")
+    def __init__(self, source, split: str, image_size: int, image_root=None, split_by=None, hue: float = 0.0,
+                 exclude=None):
+        source = Path(source)
+        if source.is_file() and source.suffix == ".json":
+            annotations, images, wanted, self.provenance, self.excluded_images = _coco_scenes(source, exclude)
+            default_root, start, collections = source.parent.parent / source.stem.split("_")[-1], source.parent, ("coco",)
+        else:
+            annotations, images, wanted, self.provenance = _refer_scenes(source, split, split_by)
+            default_root, start, collections = source / "images", source, refer.collections(source.name)
+            self.excluded_images = 0
         by_image = {}
         for a in annotations.values():
-            if a["image_id"] in wanted:
+            if a["image_id"] in wanted and not a.get("iscrowd"):
                 by_image.setdefault(a["image_id"], []).append(a)
         attributes = sorted({k for a in annotations.values() for k, v in a.get("attributes", {}).items()
                              if isinstance(v, str)})
@@ -77,8 +88,9 @@ class ObjectScenes(Dataset):
             values = sorted({a["attributes"][key] for a in annotations.values() if key in a.get("attributes", {})})
             if len(values) > 1:
                 self.heads[key] = values
-        root = Path(image_root) if image_root else folder / "images"
-        self.items = [(root / images[i]["file_name"], by_image[i]) for i in sorted(by_image)]
+        first = images[min(by_image)]["file_name"] if by_image else None
+        self.image_root = given(image_root) if image_root else find_image_root(default_root, start, collections, first)
+        self.items = [(self.image_root.path / images[i]["file_name"], by_image[i]) for i in sorted(by_image)]
         self.image_size = image_size
         self.hue = hue
 
@@ -105,6 +117,37 @@ class ObjectScenes(Dataset):
                        for key, values in self.heads.items()]
             rows.append([(x + w / 2) * sx / s, (y + h / 2) * sy / s, w * sx / s, h * sy / s, *classes])
         return image, torch.tensor(rows, dtype=torch.float32).reshape(len(rows), 4 + len(self.heads))
+
+
+def _refer_scenes(folder: Path, split: str, split_by):
+    """(annotations, images, wanted image ids, provenance) of a REFER folder."""
+    if not folder.is_dir() or not refer.split_bys(folder):
+        raise LadsError(
+            f"data.path {folder}: lads pretrain needs a REFER folder (refs(<splitBy>).p and "
+            "instances.json) or a COCO instances file (instances_train2014.json), for the boxes of every object"
+        )
+    _, refs = refer.read_refs(folder, split_by)
+    wanted = {r["image_id"] for r in refs if str(r.get("split")) == split}
+    if not wanted:
+        raise LadsError(f"data.path {folder}: no ref in split {split!r}")
+    annotations, images = refer.read_instances(folder / "instances.json")
+    key = dataset_key(folder, split_by)
+    provenance = Provenance(image_collection(key) or key, frozenset({key}),
+                            f"lads pretrain on the {split} images of {folder}")
+    return annotations, images, wanted, provenance
+
+
+def _coco_scenes(path: Path, exclude):
+    """The same of a COCO instances file, without the evaluation images of ``exclude``, and their count."""
+    if exclude is None:
+        raise LadsError(f"data.exclude: name the REFER datasets whose val and test images leave {path} (the "
+                        "pretrain-coco preset names RefCOCO, RefCOCO+ and RefCOCOg), or [] to keep them on purpose")
+    annotations, images = refer.read_instances(path)
+    left_out = set(eval_coco_ids(exclude).tolist()) & set(images)
+    keys = sorted({TRANSVG_AS_REFER.get(k, k) for k in (dataset_key(s.path, s.split_by) for s in exclude)})
+    provenance = Provenance("coco", frozenset(keys), f"lads pretrain on {path.name} without the val and test "
+                                                     f"images of {', '.join(keys) or 'no dataset'}")
+    return annotations, images, set(images) - left_out, provenance, len(left_out)
 
 
 def collate(items):
@@ -188,10 +231,18 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
         raise LadsError(f"pretrain.hue must be a probability from 0 to 1, got {p.hue!r}")
     torch.manual_seed(p.seed)
     dataset = ObjectScenes(cfg.data.path, cfg.data.train_split, cfg.model.image_size,
-                           cfg.data.image_root, cfg.data.split_by, hue=p.hue)
+                           cfg.data.image_root, cfg.data.split_by, hue=p.hue, exclude=cfg.data.exclude)
     if len(dataset) < p.batch_size:
         raise LadsError(f"{cfg.data.path}: {len(dataset)} training images, fewer than pretrain.batch_size {p.batch_size}")
+    print(f"{cfg.data.path}: {len(dataset):,} images, {dataset.image_root.describe()}; left out "
+          f"{dataset.excluded_images:,} images of evaluation splits")
     backbone = VisualBackbone(v.width, "batch", v.dilation, frozen_stages=0)
+    provenance = dataset.provenance
+    if p.init:
+        load_visual_weights(backbone, p.init)
+        before = provenance_of(p.init)
+        if before is not None and before.images == provenance.images:  # what the start saw, the result saw
+            provenance = dataclasses.replace(provenance, excluded=provenance.excluded & before.excluded)
     head = CentreHead(backbone.num_channels, dataset.num_classes)
     if cfg.train.channels_last:
         backbone.to(memory_format=torch.channels_last)
@@ -241,12 +292,14 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
     log.close()
     weights = out / WEIGHTS
     tmp = out / (WEIGHTS + ".tmp")
-    save_file({k: t.detach().cpu().contiguous() for k, t in backbone.state_dict().items()}, str(tmp))
+    save_file({k: t.detach().cpu().contiguous() for k, t in backbone.state_dict().items()}, str(tmp),
+              metadata=provenance.to_metadata())
     os.replace(tmp, weights)
     meta = {"steps": step, "max_steps": p.steps, "batch_size": p.batch_size,
             "minutes": round((time.time() - start) / 60, 2), "data": str(cfg.data.path),
             "images": len(dataset), "amp": amp, "width": v.width, "dilation": v.dilation, "image_size": cfg.model.image_size,
-            "heads": dataset.heads, "last": record}
+            "heads": dataset.heads, "init": p.init, "excluded_images": dataset.excluded_images,
+            "excluded_datasets": sorted(provenance.excluded), "last": record}
     (out / META).write_text(json.dumps(meta, indent=2))
     print(f"pre-trained visual backbone: {weights} ({step} steps); use it with "
           f"--set model.visual.pretrained={weights}")

@@ -11,6 +11,9 @@ Parameter names follow torchvision's ``resnet50`` (``conv1``, ``bn1``, ``layer1.
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -173,17 +176,20 @@ def _read_state_dict(source: str) -> dict:
         from lads.util.download import fetch
 
         source = str(fetch(source, "model.visual.pretrained"))
-    if source.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    if not Path(source).is_file():
+        from lads.models.provenance import where_to_get
 
-        obj = load_file(source)
-    else:
-        try:
-            obj = torch.load(source, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise LadsError(f"model.visual.pretrained: no file {source}") from None
-        except Exception as e:  # unpickling refused or a corrupt file
-            raise LadsError(f"model.visual.pretrained: cannot read {source}: {e}") from None
+        raise LadsError(f"model.visual.pretrained: no file {source}. {where_to_get(source)}")
+    try:
+        if source.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            obj = load_file(source)
+        else:  # DETR's and TransVG's training checkpoints also keep their arguments, a Namespace
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling refused or a corrupt file
+        raise LadsError(f"model.visual.pretrained: cannot read {source}: {e}") from None
     for key in ("model", "state_dict"):  # DETR and other training checkpoints
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -202,6 +208,8 @@ def load_visual_weights(backbone: VisualBackbone, source: str) -> None:
     own = backbone.state_dict()
     if not isinstance(backbone.bn1, nn.BatchNorm2d):
         state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    else:  # a frozen-norm checkpoint (DETR's) has no batch counts: keep the backbone's
+        state = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **state}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:

@@ -27,7 +27,8 @@ def model_kind(model_config: dict) -> str:
 
 def results_table(evaluation: dict) -> list[str]:
     """Markdown rows of ``lads eval``'s figures for one checkpoint (a row of its JSON)."""
-    lines = ["| split | expressions | Prec@0.5 | FLOPs kept | ms per expression |", "|---|---|---|---|---|"]
+    lines = [f"**Warning: this model {evaluation['warning']}.**", ""] if evaluation.get("warning") else []
+    lines += ["| split | expressions | Prec@0.5 | FLOPs kept | ms per expression |", "|---|---|---|---|---|"]
     for split, r in evaluation["splits"].items():
         lines.append(f"| {split} | {r['expressions']} | {r['prec@0.5']:.2f} | {100 * r['flops_kept']:.0f} % "
                      f"| {r['ms_per_expression']:.1f} |")
@@ -54,6 +55,8 @@ def render(config: dict, meta: dict, evaluation: dict | None = None, name: str =
         f"- data `{d.get('path') or '(mixture)'}`, split `{d['train_split']}`; {meta.get('step', '?')} steps of "
         f"{config['train']['batch_size']} ({meta.get('epoch', 0):.1f} epochs), {meta.get('world_size', 1)} "
         f"process(es), {meta.get('amp', '?')} precision, {meta.get('train_s', 0) / 60:.1f} min of training",
+        *(["- **model.visual.allow_eval_overlap=true: the visual backbone started from weights that saw "
+            "evaluation images**"] if m["visual"].get("allow_eval_overlap") else []),
         f"- lads {meta.get('lads_version', '?')}, torch {meta.get('torch_version', '?')}; checkpoint written "
         f"because: {meta.get('reason', '?')}", "",
         "## Results", "",

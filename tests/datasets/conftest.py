@@ -123,6 +123,29 @@ def refer_dir(tmp_path):
     return folder
 
 
+def coco(image_id: int) -> str:
+    return f"COCO_train2014_{image_id:012d}.jpg"
+
+
+def refer_toolkit(root, splits=(("train", 1), ("train", 2), ("val", 3), ("testA", 4), ("testB", 5))):
+    """The REFER toolkit's layout under ``root``: ``data/refcoco/refs(unc).p``,
+    ``data/refcoco/instances.json``, images in ``data/images/mscoco/images/train2014/``."""
+    folder = root / "data" / "refcoco"
+    folder.mkdir(parents=True)
+    refs = [{"ref_id": i, "ann_id": 10 + i, "image_id": image, "split": split, "category_id": 1,
+             "sentences": [sentence(100 + 2 * i, f"thing {i}"), sentence(101 + 2 * i, f"the thing {i}")]}
+            for i, (split, image) in enumerate(splits)]
+    (folder / "refs(unc).p").write_bytes(write_py2_pickle(refs))
+    images = sorted({image for _, image in splits})
+    (folder / "instances.json").write_text(json.dumps({
+        "images": [{"id": i, "file_name": coco(i), "width": 64, "height": 48} for i in images],
+        "annotations": [{"id": r["ref_id"] + 10, "image_id": r["image_id"], "bbox": [2, 2, 30, 20], "category_id": 1}
+                        for r in refs]}))
+    for i in images:
+        save_image(root / "data" / "images" / "mscoco" / "images" / "train2014" / coco(i), (64, 48))
+    return folder
+
+
 @pytest.fixture
 def py2_pickle():
     return write_py2_pickle
