@@ -67,15 +67,17 @@ def test_lads_train_finds_the_images_of_the_refer_layout(tmp_path, tiny_text_dir
 # ----------------------------------------------------------------------------- lads data check
 
 
-def expected_counts(folder) -> dict:
-    return {"train": {"expressions": 4, "objects": 2, "images": 2}, "val": {"expressions": 2, "objects": 1, "images": 1},
-            "testA": {"expressions": 2, "objects": 1, "images": 1}, "testB": {"expressions": 2, "objects": 1, "images": 1}}
+def write_expected(tmp_path):
+    """The counts of ``refer_toolkit``'s default copy, as ``--expect`` takes them."""
+    expect = tmp_path / "expect.json"
+    expect.write_text(json.dumps({"train": {"expressions": 4, "objects": 2, "images": 2}, "val": {"expressions": 2, "objects": 1, "images": 1},
+            "testA": {"expressions": 2, "objects": 1, "images": 1}, "testB": {"expressions": 2, "objects": 1, "images": 1}}))
+    return expect
 
 
 def test_check_passes_a_complete_copy(tmp_path, capsys):
     folder = refer_toolkit(tmp_path)
-    expect = tmp_path / "expect.json"
-    expect.write_text(json.dumps(expected_counts(folder)))
+    expect = write_expected(tmp_path)
     assert main(["data", "check", str(folder), "--expect", str(expect)]) == 0
     out = capsys.readouterr().out
     assert "train: expressions 4 / 4, objects 2 / 2, images 2 / 2 (found / expected): ok" in out
@@ -85,8 +87,7 @@ def test_check_passes_a_complete_copy(tmp_path, capsys):
 def test_check_names_a_short_split_and_a_missing_image(tmp_path, capsys):
     folder = refer_toolkit(tmp_path, splits=(("train", 1), ("val", 3), ("testA", 4), ("testB", 5)))  # one train ref short
     (tmp_path / "data/images/mscoco/images/train2014" / coco(4)).unlink()
-    expect = tmp_path / "expect.json"
-    expect.write_text(json.dumps(expected_counts(folder)))
+    expect = write_expected(tmp_path)
     assert main(["data", "check", str(folder), "--expect", str(expect)]) == 1
     out = capsys.readouterr().out
     assert "train: expressions 2 / 4, objects 1 / 2, images 1 / 2" in out
