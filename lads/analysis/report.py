@@ -79,12 +79,15 @@ def _table(rows: list[list], header: list[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def write_report(path: Path, stats: dict, figures: dict[str, Path], notes: list[str], title: str) -> Path:
-    """``figures``: key (``fig4a`` …) -> PNG; keys missing from it are skipped figures."""
+def write_report(path: Path, stats: dict, figures: dict[str, Path], notes: list[str], title: str,
+                 warning: str | None = None) -> Path:
+    """``figures``: key (``fig4a`` …) -> PNG; keys missing from it are skipped figures; ``warning``
+    comes first, under the title."""
     s = stats
     sub = s["subnet"]
     parts = [
         f"<h1>{html.escape(title)}</h1>",
+        *([f'<p class="note"><b>{html.escape(warning)}</b></p>'] if warning else []),
         f"<p>{s['expressions']} expressions. Mean subnet: {sub['visual_layers_kept']:.1f} visual layers, "
         f"{sub['interaction_layers_kept']:.1f} interaction sublayers, {sub['filters_kept']:.0f} filters"
         + (f", {100 * sub['flops_fraction']:.1f}% of the dense FLOPs" if "flops_fraction" in sub else "")

@@ -20,6 +20,7 @@ import torch
 from lads.analysis import figures, stats
 from lads.analysis.report import write_report
 from lads.errors import LadsError
+from lads.models.provenance import OVERLAP_WARNING
 
 OUTPUTS = {
     "fig4a": "fig4a_filter_rates.png", "fig4b": "fig4b_layer_rates.png", "fig4c": "fig4c_layers_kept.png",
@@ -183,5 +184,6 @@ def analyze(model, expressions: list[str], expr_types: list[str] | None = None, 
 
     stats_path = out / OUTPUTS["stats"]
     stats_path.write_text(json.dumps(result, indent=2))
-    report = write_report(out / OUTPUTS["report"], result, figs, notes, title)
+    warning = f"Warning: this model {OVERLAP_WARNING}." if model.config.visual.allow_eval_overlap else None
+    report = write_report(out / OUTPUTS["report"], result, figs, notes, title, warning)
     return {"stats": result, "figures": figs, "report": report, "stats_path": stats_path, "notes": notes}

@@ -90,7 +90,8 @@ def build_table(path, *, image_root=None, split_by=None) -> RecordTable:
     contents = read_dataset(path, None, image_root=image_root, split_by=split_by, sink=builder)
     meta = {"splits": contents.splits, "examples": contents.examples,
             "skipped": [[split, reason, n] for (split, reason), n in contents.skipped.items()],
-            "source": {"path": str(path), "image_root": image_root, "split_by": split_by}}
+            "source": {"path": str(path), "image_root": image_root, "split_by": split_by},
+            "images": contents.image_root.describe() if contents.image_root else None}
     return builder.table(origin=str(path), meta=meta)
 
 
@@ -168,7 +169,7 @@ def load_mixture(data, say=print) -> Mixture:
             raise LadsError(f"{s.path} [{s.split}]: no expression left after removing evaluation images")
         rows.append(mine)
         report.append({"source": f"{s.path} [{s.split}]", "expressions": len(mine), "removed": int(leaks.sum()),
-                       "skipped": dict(table.skipped())})
+                       "skipped": dict(table.skipped()), "images": table.meta.get("images")})
     mixture = Mixture(tables, rows, _shares(data.mixture, [len(r) for r in rows]), [r["source"] for r in report])
     mixture.report = report
     if dist.is_main():
@@ -179,5 +180,5 @@ def load_mixture(data, say=print) -> Mixture:
             skipped = ", ".join(f"{n:,} {why}" for why, n in r["skipped"].items())
             say(f"  {r['source']}: {r['expressions']:,} expressions, share {100 * share:.1f} %; removed "
                 f"{r['removed']:,} of evaluation images; skipped {sum(r['skipped'].values()):,} while reading"
-                + (f" ({skipped})" if skipped else ""))
+                + (f" ({skipped})" if skipped else "") + (f"; {r['images']}" if r["images"] else ""))
     return mixture

@@ -98,6 +98,11 @@ def test_weights_that_saw_the_eval_images_are_refused_unless_allowed(tmp_path, t
     assert "LADS (clean)" not in table[0]
     card = (allowed / "checkpoint" / "README.md").read_text()
     assert "**Warning: this model started from visual weights that saw evaluation images" in card
+    assert main(["analyze", "--checkpoint", str(allowed / "checkpoint"), "--data", str(refcoco), "--split", "train",
+                 "--out", str(tmp_path / "analysis")]) == 0
+    report = (tmp_path / "analysis" / "report.html").read_text()
+    first = report.index("</h1>") + len("</h1>")
+    assert report[first:].startswith('<p class="note"><b>Warning: this model started from visual weights that saw')
 
 
 def test_a_checkpoint_trained_on_overlapping_weights_passes_the_flag_on(tmp_path, tiny_text_dir, capsys):
@@ -135,11 +140,14 @@ def test_pretrain_on_coco_leaves_out_the_refer_eval_images(tmp_path, tiny_text_d
     assert [len(objects) for _, objects in scenes.items] == [1, 1, 1]  # the crowd box is no target
     assert scenes.image_root.path == tmp_path / "data" / "coco" / "train2014"
 
-    cfg = load_config("pretrain-coco", [f"data.path={instances}", f"data.exclude={exclude}", *TINY,
-                                        "pretrain.init=null", "pretrain.steps=2", "pretrain.batch_size=2",
-                                        f"pretrain.out={tmp_path / 'pre'}", "data.num_workers=0", "train.amp=none"])
-    weights = pretrain(cfg, progress=False)
-    assert "3 images, images in" in capsys.readouterr().out
+    args = ["pretrain", "--config", "pretrain-coco", "--data", str(instances), "--out", str(tmp_path / "pre")]
+    for o in [f"data.exclude={exclude}", *TINY, "pretrain.init=null", "pretrain.steps=2", "pretrain.batch_size=2",
+              "data.num_workers=0", "train.amp=none"]:
+        args += ["--set", o]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"{instances}: 3 images, images in {tmp_path / 'data/coco/train2014'} (default); left out 3 images" in out
+    weights = tmp_path / "pre" / "visual.safetensors"
     meta = json.loads((tmp_path / "pre" / "meta.json").read_text())
     assert meta["excluded_images"] == 3 and meta["excluded_datasets"] == ["refcoco/unc"]
     assert provenance_of(str(weights)).excluded == {"refcoco/unc"}
