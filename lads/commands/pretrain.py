@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from lads.config import Config
 from lads.datasets import refer
 from lads.datasets.check import dataset_key
-from lads.datasets.image_roots import find_image_root, given
+from lads.datasets.image_roots import find_image_root
 from lads.datasets.images import open_rgb
 from lads.datasets.mixture import eval_coco_ids
 from lads.datasets.transforms import eval_transform, rotate_hue
@@ -89,7 +89,7 @@ class ObjectScenes(Dataset):
             if len(values) > 1:
                 self.heads[key] = values
         first = images[min(by_image)]["file_name"] if by_image else None
-        self.image_root = given(image_root) if image_root else find_image_root(default_root, start, collections, first)
+        self.image_root = find_image_root(image_root or None, default_root, start, collections, first)
         self.items = [(self.image_root.path / images[i]["file_name"], by_image[i]) for i in sorted(by_image)]
         self.image_size = image_size
         self.hue = hue

@@ -23,7 +23,7 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from lads.datasets.image_roots import find_image_root, given
+from lads.datasets.image_roots import find_image_root
 from lads.datasets.records import Collector, Record
 from lads.errors import LadsError
 
@@ -85,8 +85,7 @@ def read(folder: Path, collector: Collector, *, image_root=None) -> set[str]:
     """Add the records of the wanted splits to ``collector``; return every split there is."""
     lists = read_split_lists(folder)
     first = next((f"{ids[0]}.jpg" for ids in lists.values() if ids), None)
-    collector.image_root = given(image_root) if image_root is not None else find_image_root(
-        folder / "flickr30k-images", folder, ("flickr30k",), first)
+    collector.image_root = find_image_root(image_root, folder / "flickr30k-images", folder, ("flickr30k",), first)
     image_root = collector.image_root.path
     for split, ids in lists.items():
         if collector.wants(split):

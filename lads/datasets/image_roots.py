@@ -47,13 +47,13 @@ class ImageRoot:
         return f"images in {self.path} ({self.how})"
 
 
-def find_image_root(default: Path, start: Path, collections, sample: str | None) -> ImageRoot:
-    """The first of ``default`` and the ``LAYOUTS`` of ``collections`` (relative to ``start``
-    and its ``ANCESTORS`` parents) that holds the image ``sample`` (a name relative to the
-    root); ``default`` when there is no sample or none holds it."""
-    if sample is None:
-        return ImageRoot(default, "default")
-    if (default / sample).is_file():
+def find_image_root(given, default: Path, start: Path | None = None, collections=(), sample: str | None = None) -> ImageRoot:
+    """``given`` if not None; else the first of ``default`` and the ``LAYOUTS`` of ``collections``
+    (relative to ``start`` and its ``ANCESTORS`` parents) that holds the image ``sample`` (a name
+    relative to the root); ``default`` when there is no sample or none holds it."""
+    if given is not None:
+        return ImageRoot(Path(given), "given")
+    if sample is None or (default / sample).is_file():
         return ImageRoot(default, "default")
     tried = [default]
     start = start.absolute()
@@ -67,6 +67,3 @@ def find_image_root(default: Path, start: Path, collections, sample: str | None)
     looked = ", ".join(str(t) for t in dict.fromkeys(tried[:6]))
     return ImageRoot(default, f"default; {sample} is in none of {looked}, …: give the image folder")
 
-
-def given(image_root) -> ImageRoot:
-    return ImageRoot(Path(image_root), "given")

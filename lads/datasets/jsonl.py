@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lads.datasets.image_roots import ImageRoot, given
+from lads.datasets.image_roots import find_image_root
 from lads.datasets.records import Collector, Record
 from lads.errors import LadsError
 
@@ -38,7 +38,7 @@ def _parse(line: str) -> dict:
 
 def read(path: Path, collector: Collector, *, image_root=None) -> set[str]:
     """Add the records of the wanted splits in ``path`` to ``collector``; return every split."""
-    collector.image_root = given(image_root) if image_root is not None else ImageRoot(path.parent, "the file's folder")
+    collector.image_root = find_image_root(image_root, path.parent)
     image_root = collector.image_root.path
     try:
         lines = path.read_text(encoding="utf-8").splitlines()

@@ -15,7 +15,7 @@ import pickle
 import re
 from pathlib import Path
 
-from lads.datasets.image_roots import find_image_root, given
+from lads.datasets.image_roots import find_image_root
 from lads.datasets.records import Collector, Record
 from lads.errors import LadsError
 
@@ -100,8 +100,8 @@ def read(folder: Path, collector: Collector, *, split_by=None, image_root=None) 
     if not wanted:
         return splits
     annotations, images = read_instances(folder / "instances.json")
-    collector.image_root = image_root = given(image_root) if image_root is not None else find_image_root(
-        folder / "images", folder, collections(folder.name), _first_file_name(wanted, annotations, images))
+    collector.image_root = image_root = find_image_root(image_root, folder / "images", folder, collections(folder.name),
+                                                        _first_file_name(wanted, annotations, images))
     for ref in wanted:
         where = f"{refs_path} ref {ref.get('ref_id')}"
         try:

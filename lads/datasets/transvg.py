@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lads.datasets.image_roots import find_image_root, given
+from lads.datasets.image_roots import find_image_root
 from lads.datasets.records import Collector, Record
 from lads.errors import LadsError
 
@@ -61,7 +61,7 @@ def read(path: Path, collector: Collector, *, image_root=None) -> set[str]:
     ds = dataset_name(path)
     files = split_files(path)
     folder = path.parent if path.is_file() else path
-    root = given(image_root) if image_root is not None else None
+    root = None
     fields = FIELDS.get(ds, DEFAULT_FIELDS)
     expected = f"expected ({', '.join(fields)}{'' if ds in FIELDS else ', ...'})"
     for split, file in files.items():
@@ -69,8 +69,8 @@ def read(path: Path, collector: Collector, *, image_root=None) -> set[str]:
             continue
         items = load_items(file)
         if root is None:
-            first = next((item[0] for item in items if isinstance(item, (list, tuple)) and item), None)
-            root = find_image_root(folder / "images", folder, (COLLECTIONS[ds],), None if first is None else str(first))
+            first = next((str(item[0]) for item in items if isinstance(item, (list, tuple)) and item), None)
+            root = find_image_root(image_root, folder / "images", folder, (COLLECTIONS[ds],), first)
         collector.image_root = root
         for i, item in enumerate(items):
             where = f"{file} item {i}"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lads.datasets.image_roots import find_image_root, given
+from lads.datasets.image_roots import find_image_root
 from lads.datasets.records import Collector, Record
 from lads.errors import LadsError
 
@@ -93,8 +93,7 @@ def read(folder: Path, collector: Collector, *, image_root=None) -> set[str]:
         raise LadsError(f"{folder / IMAGES}: missing (Visual Genome needs it for image files and sizes)")
     images = read_images(folder / IMAGES)
     first = next(iter(images.values()), (None,))[0]
-    collector.image_root = given(image_root) if image_root is not None else find_image_root(
-        folder, folder, ("visual_genome",), first)
+    collector.image_root = find_image_root(image_root, folder, folder, ("visual_genome",), first)
     image_root = collector.image_root.path
     for i, entry in enumerate(iter_json_array(folder / REGIONS)):
         regions = entry.get("regions") if isinstance(entry, dict) else None
