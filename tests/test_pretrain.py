@@ -14,7 +14,7 @@ from lads.config import load_config
 from lads.datasets import refer
 from lads.errors import LadsError
 from lads.models import build_model
-from lads.commands.pretrain import ObjectScenes, centre_loss, centre_targets, pretrain
+from lads.pretrain import ObjectScenes, centre_loss, centre_targets, pretrain
 
 
 def test_centre_targets_by_hand():

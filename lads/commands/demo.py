@@ -42,7 +42,7 @@ def run(args):
     from lads.config import load_config
     from lads.datasets import synth
     from lads.commands.evaluate import evaluate_checkpoints, markdown_table
-    from lads.commands.pretrain import WEIGHTS, pretrain
+    from lads.pretrain import WEIGHTS, pretrain
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from conftest import coco, refer_toolkit, save_image
 from helpers import engine_overrides
 
 from lads.cli import main
-from lads.commands.pretrain import ObjectScenes, pretrain
+from lads.pretrain import ObjectScenes, pretrain
 from lads.config import load_config
 from lads.errors import LadsError
 from lads.models import build_model
