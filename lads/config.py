@@ -125,7 +125,7 @@ class DataConfig:
     its sources instead and ``path`` is the evaluation set."""
 
     path: str = ""
-    image_root: Optional[str] = None  # images of REFER/TransVG data (e.g. COCO train2014)
+    image_root: Optional[str] = None  # the images' folder; None: found where the toolkits put them (docs/data.md)
     split_by: Optional[str] = None  # REFER splitBy (unc, google, umd, berkeley)
     train_split: str = "train"
     eval_splits: list[str] = field(default_factory=lambda: ["val"])
