@@ -39,14 +39,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from lads.config import Config
 from lads.datasets import refer
-from lads.datasets.check import dataset_key
 from lads.datasets.image_roots import find_image_root
 from lads.datasets.images import open_rgb
 from lads.datasets.mixture import eval_coco_ids
 from lads.datasets.transforms import eval_transform, rotate_hue
 from lads.errors import LadsError
 from lads.models.backbone import VisualBackbone, load_visual_weights
-from lads.models.provenance import TRANSVG_AS_REFER, Provenance, image_collection, provenance_of
+from lads.models.provenance import Provenance, evaluation_key, image_collection, provenance_of
 from lads.util.amp import autocast, grad_scaler, resolve_amp
 from lads.util.dist import loader_workers, local_device
 
@@ -131,7 +130,7 @@ def _refer_scenes(folder: Path, split: str, split_by):
     if not wanted:
         raise LadsError(f"data.path {folder}: no ref in split {split!r}")
     annotations, images = refer.read_instances(folder / "instances.json")
-    key = dataset_key(folder, split_by)
+    key = evaluation_key(folder, split_by)
     provenance = Provenance(image_collection(key) or key, frozenset({key}),
                             f"lads pretrain on the {split} images of {folder}")
     return annotations, images, wanted, provenance
@@ -144,7 +143,7 @@ def _coco_scenes(path: Path, exclude):
                         "pretrain-coco preset names RefCOCO, RefCOCO+ and RefCOCOg), or [] to keep them on purpose")
     annotations, images = refer.read_instances(path)
     left_out = set(eval_coco_ids(exclude).tolist()) & set(images)
-    keys = sorted({TRANSVG_AS_REFER.get(k, k) for k in (dataset_key(s.path, s.split_by) for s in exclude)})
+    keys = sorted({evaluation_key(s.path, s.split_by) for s in exclude})
     provenance = Provenance("coco", frozenset(keys), f"lads pretrain on {path.name} without the val and test "
                                                      f"images of {', '.join(keys) or 'no dataset'}")
     return annotations, images, set(images) - left_out, provenance, len(left_out)

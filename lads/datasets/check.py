@@ -100,9 +100,10 @@ def dataset_key(path, split_by=None) -> str | None:
     return None
 
 
-def raw_counts(path, split_by=None) -> dict[str, dict]:
-    """``{split: {expressions, objects, images}}`` from the annotation files as they are."""
-    from lads.datasets import _detect, flickr30k, read_dataset, refer, transvg
+def raw_counts(path, split_by, records) -> dict[str, dict]:
+    """``{split: {expressions, objects, images}}`` from the annotation files as they are (REFER,
+    TransVG, Flickr30k Entities' image lists); otherwise from ``records``, those the reader kept."""
+    from lads.datasets import _detect, flickr30k, refer, transvg
 
     reader, where, kwargs = _detect(Path(path), split_by)
     sets = defaultdict(lambda: {"expressions": 0, "objects": set(), "images": set()})
@@ -123,10 +124,10 @@ def raw_counts(path, split_by=None) -> dict[str, dict]:
     elif reader is flickr30k.read:
         for split, ids in flickr30k.read_split_lists(where).items():
             sets[split]["images"].update(ids)
-        for r in read_dataset(path).records:
+        for r in records:
             sets[r.split]["expressions"] += 1
     else:
-        for r in read_dataset(path, split_by=split_by).records:
+        for r in records:
             s = sets[r.split]
             s["expressions"] += 1
             s["objects"].add(r.ann_id if r.ann_id is not None else (r.image, r.box))
@@ -158,8 +159,8 @@ def check(path, *, image_root=None, split_by=None, expected: dict | None = None,
     if expected is None and key in PUBLISHED:
         expected = {split: {k: n for k, n in zip(COUNTED, counts) if n is not None}
                     for split, counts in PUBLISHED[key].items()}
-    counts = raw_counts(path, split_by)
     contents = read_dataset(path, image_root=image_root, split_by=split_by)
+    counts = raw_counts(path, split_by, contents.records)
     report = CheckReport(str(path), key, against,
                          contents.image_root.describe() if contents.image_root else "images: -")
     missing_by_split = defaultdict(int)

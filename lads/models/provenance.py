@@ -103,21 +103,30 @@ def provenance_of(source: str) -> Provenance | None:
     return _STOCK_DETR if sha256(path).startswith(STOCK_DETR_HASHES) else None
 
 
-def eval_overlap(source: str, data_path: str, split_by=None) -> tuple[str | None, str | None]:
-    """``(evaluation set, overlap)`` of weights ``source`` and the data at ``data_path``: the set's
-    key (None for data with no known evaluation images) and a sentence saying what the weights
-    saw of it (None when they did not, or their provenance is unknown)."""
+def evaluation_key(data_path, split_by=None) -> str | None:
+    """The evaluation set a dataset path stands for (``refcoco/unc``, …; a TransVG split folder
+    as the REFER dataset it was made from), or None for data with no known key."""
     from lads.datasets.check import dataset_key
 
     key = dataset_key(data_path, split_by)
-    key = TRANSVG_AS_REFER.get(key, key)
-    collection = image_collection(key) if key else None
-    if collection is None:
+    return TRANSVG_AS_REFER.get(key, key)
+
+
+def overlap(source: str, saw: Provenance | None, key: str) -> str | None:
+    """A sentence saying that weights ``source`` of provenance ``saw`` saw the val and test images
+    of evaluation set ``key``; None when they did not, or their provenance is unknown."""
+    if saw is None or saw.images != image_collection(key) or key in saw.excluded:
+        return None
+    return f"{source}: {saw.note}; it saw the val and test images of {key}"
+
+
+def eval_overlap(source: str, data_path: str, split_by=None) -> tuple[str | None, str | None]:
+    """``(evaluation set, overlap)`` of weights ``source`` and the data at ``data_path``: the set's
+    key (None for data with no known evaluation images) and ``overlap``'s sentence."""
+    key = evaluation_key(data_path, split_by)
+    if key is None or image_collection(key) is None:
         return None, None
-    saw = provenance_of(source)
-    if saw is None or saw.images != collection or key in saw.excluded:
-        return key, None
-    return key, f"{source}: {saw.note}; it saw the val and test images of {key}"
+    return key, overlap(source, provenance_of(source), key)
 
 
 def check_eval_overlap(model_cfg, data_cfg, init_config: dict | None = None, say=print) -> None:
@@ -132,14 +141,20 @@ def check_eval_overlap(model_cfg, data_cfg, init_config: dict | None = None, say
     source = init_config["model"]["visual"].get("pretrained") if init_config is not None else model_cfg.visual.pretrained
     if not source or not data_cfg.path:
         return
-    key, overlap = eval_overlap(source, data_cfg.path, data_cfg.split_by)
-    if overlap is None:
-        if key is not None and provenance_of(source) is None and Path(source).is_file():
+    key = evaluation_key(data_cfg.path, data_cfg.split_by)
+    if key is None or image_collection(key) is None:
+        return
+    saw = provenance_of(source)
+    if saw is None:
+        if Path(source).is_file():
             say(f"model.visual.pretrained={source}: what it was trained on is unknown here; make sure it "
                 f"did not see the val and test images of {key}")
         return
+    found = overlap(source, saw, key)
+    if found is None:
+        return
     if not allowed:
-        raise LadsError(f"model.visual.pretrained={overlap}. Start from leak-free weights (docs/data.md, "
+        raise LadsError(f"model.visual.pretrained={found}. Start from leak-free weights (docs/data.md, "
                         "\"Leak-free weights\"), or set model.visual.allow_eval_overlap=true on purpose: "
                         "every table of this run's figures then says so")
-    say(f"warning: {overlap} (model.visual.allow_eval_overlap=true)")
+    say(f"warning: {found} (model.visual.allow_eval_overlap=true)")

@@ -84,6 +84,10 @@ def ref(ref_id, ann_id, image_id, split, sentences):
             "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg", "sentences": sentences}
 
 
+def coco_name(image_id: int) -> str:
+    return f"COCO_train2014_{image_id:012d}.jpg"
+
+
 # 3 images of 64x48; boxes are COCO [x, y, w, h].
 REFER_ANNOTATIONS = {
     10: (1, [4.0, 6.0, 20.0, 10.0]),
@@ -112,7 +116,7 @@ def refer_dir(tmp_path):
     folder.mkdir()
     (folder / "refs(unc).p").write_bytes(write_py2_pickle(REFER_REFS))
     (folder / "refs(google).p").write_bytes(write_py2_pickle(REFER_REFS[:2]))
-    images = [{"id": i, "file_name": f"COCO_train2014_{i:012d}.jpg", "width": 64, "height": 48}
+    images = [{"id": i, "file_name": coco_name(i), "width": 64, "height": 48}
               for i in (1, 2, 3)]
     annotations = [{"id": a, "image_id": img, "bbox": box, "category_id": 1}
                    for a, (img, box) in REFER_ANNOTATIONS.items()]
@@ -121,10 +125,6 @@ def refer_dir(tmp_path):
     for image in images:
         save_image(folder / "images" / image["file_name"], (64, 48))
     return folder
-
-
-def coco(image_id: int) -> str:
-    return f"COCO_train2014_{image_id:012d}.jpg"
 
 
 def refer_toolkit(root, splits=(("train", 1), ("train", 2), ("val", 3), ("testA", 4), ("testB", 5))):
@@ -138,11 +138,11 @@ def refer_toolkit(root, splits=(("train", 1), ("train", 2), ("val", 3), ("testA"
     (folder / "refs(unc).p").write_bytes(write_py2_pickle(refs))
     images = sorted({image for _, image in splits})
     (folder / "instances.json").write_text(json.dumps({
-        "images": [{"id": i, "file_name": coco(i), "width": 64, "height": 48} for i in images],
+        "images": [{"id": i, "file_name": coco_name(i), "width": 64, "height": 48} for i in images],
         "annotations": [{"id": r["ref_id"] + 10, "image_id": r["image_id"], "bbox": [2, 2, 30, 20], "category_id": 1}
                         for r in refs]}))
     for i in images:
-        save_image(root / "data" / "images" / "mscoco" / "images" / "train2014" / coco(i), (64, 48))
+        save_image(root / "data" / "images" / "mscoco" / "images" / "train2014" / coco_name(i), (64, 48))
     return folder
 
 

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import coco, refer_toolkit, save_image
+from conftest import coco_name, refer_toolkit, save_image
 from helpers import engine_overrides
 
 from lads.cli import main
@@ -33,11 +33,11 @@ def test_given_image_root_wins_and_no_layout_is_a_clear_note(tmp_path, capsys):
     elsewhere = tmp_path / "elsewhere"
     shutil.copytree(tmp_path / "data" / "images" / "mscoco" / "images" / "train2014", elsewhere)
     records, _ = load_records(folder, "val", image_root=elsewhere)
-    assert records[0].image == str(elsewhere / coco(3))
+    assert records[0].image == str(elsewhere / coco_name(3))
     shutil.rmtree(tmp_path / "data" / "images")
     main(["data", "stats", str(folder), "--split", "val"])
     out = capsys.readouterr().out
-    assert f"images in {folder / 'images'} (default; {coco(3)} is in none of" in out
+    assert f"images in {folder / 'images'} (default; {coco_name(3)} is in none of" in out
     assert "1 image file(s) missing" in out
 
 
@@ -45,11 +45,11 @@ def test_transvg_layout_is_found(tmp_path):
     """TransVG: split files in ``data/unc/``, images in ``ln_data/other/images/mscoco/images/train2014``."""
     split_dir = tmp_path / "data" / "unc"
     split_dir.mkdir(parents=True)
-    torch.save([(coco(1), "mask.pth", [2, 2, 30, 20], "the thing")], split_dir / "unc_val.pth")
-    save_image(tmp_path / "ln_data" / "other" / "images" / "mscoco" / "images" / "train2014" / coco(1), (64, 48))
+    torch.save([(coco_name(1), "mask.pth", [2, 2, 30, 20], "the thing")], split_dir / "unc_val.pth")
+    save_image(tmp_path / "ln_data" / "other" / "images" / "mscoco" / "images" / "train2014" / coco_name(1), (64, 48))
     contents = read_dataset(split_dir, ["val"])
     assert "TransVG layout" in contents.image_root.how
-    assert contents.records[0].image == str(tmp_path / "ln_data/other/images/mscoco/images/train2014" / coco(1))
+    assert contents.records[0].image == str(tmp_path / "ln_data/other/images/mscoco/images/train2014" / coco_name(1))
 
 
 def test_lads_train_finds_the_images_of_the_refer_layout(tmp_path, tiny_text_dir, capsys):
@@ -86,7 +86,7 @@ def test_check_passes_a_complete_copy(tmp_path, capsys):
 
 def test_check_names_a_short_split_and_a_missing_image(tmp_path, capsys):
     folder = refer_toolkit(tmp_path, splits=(("train", 1), ("val", 3), ("testA", 4), ("testB", 5)))  # one train ref short
-    (tmp_path / "data/images/mscoco/images/train2014" / coco(4)).unlink()
+    (tmp_path / "data/images/mscoco/images/train2014" / coco_name(4)).unlink()
     expect = write_expected(tmp_path)
     assert main(["data", "check", str(folder), "--expect", str(expect)]) == 1
     out = capsys.readouterr().out
@@ -94,7 +94,7 @@ def test_check_names_a_short_split_and_a_missing_image(tmp_path, capsys):
     assert "(found / expected): differs in expressions, objects, images" in out
     assert "testA: " in out and "1 image file(s) missing" in out
     train2014 = tmp_path / "data/images/mscoco/images/train2014"
-    assert f"missing images: 1 of 4 in {train2014} (first: {coco(4)})" in out
+    assert f"missing images: 1 of 4 in {train2014} (first: {coco_name(4)})" in out
     assert out.rstrip().splitlines()[-1].startswith("mismatch: ")
 
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import coco, refer_toolkit, save_image
+from conftest import coco_name, refer_toolkit, save_image
 from helpers import engine_overrides
 
 from lads.cli import main
@@ -120,14 +120,14 @@ def coco_instances(root, image_ids=(1, 2, 3, 4, 5, 6)):
     """COCO's own layout: ``data/coco/annotations/instances_train2014.json`` and ``data/coco/train2014/``."""
     path = root / "data" / "coco" / "annotations" / "instances_train2014.json"
     path.parent.mkdir(parents=True)
-    images = [{"id": i, "file_name": coco(i), "width": 64, "height": 48} for i in image_ids]
+    images = [{"id": i, "file_name": coco_name(i), "width": 64, "height": 48} for i in image_ids]
     annotations = [{"id": 100 + i, "image_id": i, "bbox": [4, 4, 20, 16], "category_id": 1 + i % 2, "iscrowd": 0}
                    for i in image_ids]
     annotations.append({"id": 999, "image_id": 1, "bbox": [0, 0, 60, 40], "category_id": 1, "iscrowd": 1})
     path.write_text(json.dumps({"images": images, "annotations": annotations,
                                 "categories": [{"id": 1, "name": "cup"}, {"id": 2, "name": "dog"}]}))
     for i in image_ids:
-        save_image(root / "data" / "coco" / "train2014" / coco(i), (64, 48))
+        save_image(root / "data" / "coco" / "train2014" / coco_name(i), (64, 48))
     return path
 
 
@@ -136,7 +136,7 @@ def test_pretrain_on_coco_leaves_out_the_refer_eval_images(tmp_path, tiny_text_d
     refcoco = refer_toolkit(tmp_path)  # val, testA, testB on COCO images 3, 4 and 5
     exclude = json.dumps([{"path": str(refcoco), "split_by": "unc"}])
     scenes = ObjectScenes(instances, "train", 64, exclude=load_config("pretrain-coco", [f"data.exclude={exclude}"]).data.exclude)
-    assert scenes.excluded_images == 3 and [p.name for p, _ in scenes.items] == [coco(1), coco(2), coco(6)]
+    assert scenes.excluded_images == 3 and [p.name for p, _ in scenes.items] == [coco_name(1), coco_name(2), coco_name(6)]
     assert [len(objects) for _, objects in scenes.items] == [1, 1, 1]  # the crowd box is no target
     assert scenes.image_root.path == tmp_path / "data" / "coco" / "train2014"
 

@@ -12,7 +12,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from conftest import save_image, sentence, write_py2_pickle
+from conftest import coco_name, save_image, sentence, write_py2_pickle
 
 from lads.config import EvalSet, MixtureSource, load_config
 from lads.datasets import load_records, read_dataset
@@ -21,10 +21,6 @@ from lads.datasets.records import Record
 from lads.datasets.table import RecordTable, TableBuilder
 from lads.engine import EpochPlan, SeededSamples, rank_micro_batches
 from lads.errors import LadsError
-
-
-def coco_name(image_id: int) -> str:
-    return f"COCO_train2014_{image_id:012d}.jpg"
 
 
 @pytest.fixture
