@@ -49,7 +49,8 @@ def run_arm(name: str, overrides: list[str], args) -> Path:
         print(f"{name}: done already ({run})")
         return run / "checkpoint"
     demo = Path(args.demo)
-    base = [*args.set, f"data.path={demo / 'data'}", f"model.visual.pretrained={demo / 'pretrain' / 'visual.safetensors'}"]
+    base = [*args.set, f"data.path={demo / 'data'}",
+            f"model.visual.pretrained={demo / 'pretrain' / 'visual.safetensors'}"]
     cfg = load_config("tiny", [*stage2_overrides(base, load_config("tiny", args.set).demo,
                                                  demo / "shared" / "checkpoint"), *overrides, f"train.out={run}"])
     return train(cfg, resume=str(run) if (run / "checkpoint").exists() else None)
@@ -80,7 +81,8 @@ def markdown(rows: list[dict], split: str) -> str:
         dyn = (f"{d['layers_varying']} | {d['layers_never']} | {d['filters_varying_fraction']:.2f} | "
                f"{d['filters_never_fraction']:.3f} | {d['flops']['mean']:.2f} ± {d['flops']['std']:.2f} | "
                + " / ".join(f"{r['flops_by_type'][t]:.2f}" for t in types)) if d else "– | – | – | – | 1.00 | –"
-        lines.append(f"| {r['what']} | {r['prec@0.5']:.2f} | " + " | ".join(f"{r['by_type'].get(t, 0):.1f}" for t in types)
+        lines.append(f"| {r['what']} | {r['prec@0.5']:.2f} | "
+                     + " | ".join(f"{r['by_type'].get(t, 0):.1f}" for t in types)
                      + f" | {dyn} |")
     return "\n".join(lines)
 

@@ -6,10 +6,10 @@ folder, then grounds every expression of ``--split`` image by image with ``model
 (PyTorch, extracted subnets, from a cold subnet cache) and with
 ``lads.deploy.Deployment.predict`` (onnxruntime, ``--threads`` threads), in ``--repeats``
 rounds of one pass each (not alternating image by image: onnxruntime's threads spin-wait after
-a run and would slow the PyTorch call after them). Prints and writes (``--out``) Prec@0.5 of both, the share of expressions served by
-their own subnet, by a superset, by the dense network (with Prec@0.5 of each), the bank's size
-beside one dense single-file export (``lads export``, text backbone inside), and milliseconds
-per expression.
+a run and would slow the PyTorch call after them). Prints and writes (``--out``) Prec@0.5 of
+both, the share of expressions served by their own subnet, by a superset, by the dense network
+(with Prec@0.5 of each), the bank's size beside one dense single-file export (``lads export``,
+text backbone inside), and milliseconds per expression.
 
     python benchmarks/deploy_bank.py --checkpoint runs/demo/lads/checkpoint --data runs/demo/data \
         --out benchmarks/deploy-bank
@@ -25,14 +25,13 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from batch_predict import cpu_name, setup
 
 from lads.datasets import load_records
 from lads.deploy import Deployment
 from lads.export import export_bank, export_subnet
 from lads.models.gating import Gates
 from lads.util.box_ops import box_iou
-
-from batch_predict import cpu_name, setup
 
 
 def folder_bytes(path: Path) -> int:
@@ -103,7 +102,8 @@ def main():
     lines = [f"# The deployed bank against PyTorch: {n} expressions of {args.split}", "",
              f"{result['device']}, {args.threads} threads; bank of {result['bank_split']}'s patterns at coverage "
              f"{args.coverage}: {result['subnets']} subnets of {result['patterns']} patterns (export "
-             f"{result['export_s']} s, largest box difference of a file against PyTorch {result['max_abs_diff']:.1e}).", "",
+             f"{result['export_s']} s, largest box difference of a file against PyTorch "
+             f"{result['max_abs_diff']:.1e}).", "",
              f"| | Prec@0.5 | ms / expression (median of {args.repeats} passes, min–max) |", "|---|---|---|",
              *(f"| {label} | {prec[k]:.2f} | {t['median']} ({t['min']}–{t['max']}) |"
                for k, label in (("pytorch", "PyTorch (`model.predict`, extracted subnets)"),

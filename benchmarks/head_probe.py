@@ -150,7 +150,8 @@ def main():
     (out / "probe.json").write_text(json.dumps({"text": text, "probes": results, "config": args.config,
                                                 "data": cfg.data.path, "threads": torch.get_num_threads()}, indent=2))
     lines = ["| probe | steps × batch | train (last 100 steps) | val |", "|---|---|---|---|"]
-    lines += [f"| {r['probe']} | {r['steps']} × {r['batch']} | {100 * r['train_last_100']:.1f} % | {100 * r['val']:.1f} % |"
+    lines += [f"| {r['probe']} | {r['steps']} × {r['batch']} | {100 * r['train_last_100']:.1f} % "
+              f"| {100 * r['val']:.1f} % |"
               for r in results]
     (out / "probe.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

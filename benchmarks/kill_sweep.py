@@ -220,8 +220,10 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| kill point | killed | after step | resumed from | at step | lost steps | weights equal | left |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| `{r['point']}` | {r['killed']} | {r['killed_after_step']} | {r.get('resumed_from') or '(new run)'} "
-                     f"| {r.get('resumed_at_step', '–')} | {r.get('lost_steps', '–')} | {r.get('weights_equal', r.get('error'))} "
+        lines.append(f"| `{r['point']}` | {r['killed']} | {r['killed_after_step']} "
+                     f"| {r.get('resumed_from') or '(new run)'} "
+                     f"| {r.get('resumed_at_step', '–')} | {r.get('lost_steps', '–')} "
+                     f"| {r.get('weights_equal', r.get('error'))} "
                      f"| {r.get('left_bytes', '–')} B |")
     return "\n".join(lines)
 

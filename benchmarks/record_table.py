@@ -158,7 +158,7 @@ def python_objects(n: int = 100_000) -> float:
 
 
 def report(result: dict) -> str:
-    b, l = result["build"], result["load"]
+    b, loaded = result["build"], result["load"]
     n = b["records"]
     lines = [
         f"# Record table: {n:,} generated records",
@@ -170,13 +170,16 @@ def report(result: dict) -> str:
         f"| save (.npy files) | {b['save_s']} s |",
         f"| build process, peak RSS | {b['build_peak_rss_mb']:.0f} MB |",
         f"| table on disk | {b['table_mb']:.0f} MB ({b['bytes_per_record']} bytes a record, {b['images']:,} images) |",
-        f"| open (memory-mapped) + mixture | {l['open_s']} s |",
-        f"| read every page once (page cache warm: the table was just written) | {l['touch_all_pages_s']} s |",
-        f"| {l['workers']} workers: {l['draws']:,} random records | {l['draw_s']} s ({l['records_per_s']:,} records/s) |",
-        f"| main process: RSS / PSS / USS | {l['main']['rss_mb']:.0f} / {l['main']['pss_mb']:.0f} / {l['main']['uss_mb']:.0f} MB |",
-        f"| a worker (mean): RSS / PSS / USS | {l['worker_mean']['rss_mb']:.0f} / {l['worker_mean']['pss_mb']:.0f} / "
-        f"{l['worker_mean']['uss_mb']:.0f} MB |",
-        f"| **main + {l['workers']} workers, PSS in all** | **{l['pss_total_mb']:.0f} MB** (RSS summed: {l['rss_sum_mb']:.0f} MB) |",
+        f"| open (memory-mapped) + mixture | {loaded['open_s']} s |",
+        f"| read every page once (page cache warm: the table was just written) | {loaded['touch_all_pages_s']} s |",
+        f"| {loaded['workers']} workers: {loaded['draws']:,} random records | {loaded['draw_s']} s "
+        f"({loaded['records_per_s']:,} records/s) |",
+        f"| main process: RSS / PSS / USS | {loaded['main']['rss_mb']:.0f} / {loaded['main']['pss_mb']:.0f} / "
+        f"{loaded['main']['uss_mb']:.0f} MB |",
+        f"| a worker (mean): RSS / PSS / USS | {loaded['worker_mean']['rss_mb']:.0f} / "
+        f"{loaded['worker_mean']['pss_mb']:.0f} / {loaded['worker_mean']['uss_mb']:.0f} MB |",
+        f"| **main + {loaded['workers']} workers, PSS in all** | **{loaded['pss_total_mb']:.0f} MB** "
+        f"(RSS summed: {loaded['rss_sum_mb']:.0f} MB) |",
         f"| the same records as Python `Record` objects | {result['python_bytes_per_record']:.0f} bytes a record "
         f"= {result['python_bytes_per_record'] * n / 2**30:.2f} GB, in every worker that touches them |",
     ]

@@ -56,7 +56,8 @@ def start(checkpoint: str, port: int, key: str) -> subprocess.Popen:
     deadline = time.time() + 180
     while time.time() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/health", headers={"X-API-Key": key}, timeout=2).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/health", headers={"X-API-Key": key},
+                         timeout=2).status_code == 200:
                 return proc
         except httpx.TransportError:
             time.sleep(0.3)
@@ -129,9 +130,11 @@ def main():
              f"{summary['requests']} requests "
              f"({args.warmup} before them to warm up), {args.concurrency} concurrent, 1-3 expressions each, "
              f"with the API key, localhost, {os.cpu_count()} CPU cores.", "",
-             "| errors | p50 | p95 | max | requests/s | RSS after warm-up | RSS max by quarter of the run | RSS at the end |",
+             "| errors | p50 | p95 | max | requests/s | RSS after warm-up | RSS max by quarter of the run "
+             "| RSS at the end |",
              "|---|---|---|---|---|---|---|---|",
-             f"| {summary['errors']} | {summary['p50_ms']:.0f} ms | {summary['p95_ms']:.0f} ms | {summary['max_ms']:.0f} ms "
+             f"| {summary['errors']} | {summary['p50_ms']:.0f} ms | {summary['p95_ms']:.0f} ms "
+             f"| {summary['max_ms']:.0f} ms "
              f"| {summary['requests_per_s']:.1f} | {after_warmup:.0f} MB | "
              + " / ".join(f"{m:.0f}" for m in summary["rss_mb_by_quarter"]) + f" MB | {end:.0f} MB |"]
     print("\n".join(lines))

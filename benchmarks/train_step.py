@@ -67,7 +67,8 @@ def time_steps(cfg, batches, steps: int, profile: bool = False) -> dict:
     result = {"ms_per_step": 1000 * quartiles[1], "ms_quartiles": [1000 * quartiles[0], 1000 * quartiles[2]],
               "samples_per_s": len(batches[0]["box"]) / quartiles[1]}
     if profile:
-        from torch.profiler import ProfilerActivity, profile as torch_profile
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
 
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             for b in batches[:3]:

@@ -12,13 +12,15 @@ import warnings
 from lads import __version__
 
 COMMANDS = {
-    "demo": ("lads.commands.demo", "the main job: synthetic benchmark, train LADS and dense, evaluate, predict, report"),
+    "demo": ("lads.commands.demo",
+             "the main job: synthetic benchmark, train LADS and dense, evaluate, predict, report"),
     "info": ("lads.commands.info", "build a model and print its structure and parameter counts"),
     "data": ("lads.commands.data", "generate the synthetic benchmark, inspect datasets"),
     "pretrain": ("lads.commands.pretrain", "detection pre-training of the visual backbone on a dataset's boxes"),
     "train": ("lads.commands.train", "train LADS or the dense baseline (one process, or many with torchrun)"),
     "eval": ("lads.commands.evaluate", "Prec@0.5 per split, time per expression, subnet sizes"),
-    "predict": ("lads.commands.predict", "boxes for your own images and expressions: one image, or a JSON-lines file or folder of them"),
+    "predict": ("lads.commands.predict",
+                "boxes for your own images and expressions: one image, or a JSON-lines file or folder of them"),
     "export": ("lads.commands.export", "write one expression's subnet as ONNX or TorchScript for deployment"),
     "bench": ("lads.commands.bench", "time and count FLOPs of dense, masked and extracted subnets"),
     "analyze": ("lads.commands.analyze", "see the subnets over a split: selection rates, t-SNE, drawings, word clouds"),

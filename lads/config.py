@@ -132,9 +132,11 @@ class DataConfig:
     augment: bool = True
     crop: float = 0.5  # probability of the random crop that keeps the box (0: none; see docs/design.md)
     hue: float = 0.0  # probability of a random hue rotation where the expression names no colour (design §5a)
-    num_workers: Optional[int] = None  # loader processes per training process; None: fit to the cores (util.dist.loader_workers)
+    # loader processes per training process; None: fit to the cores (util.dist.loader_workers)
+    num_workers: Optional[int] = None
     strict: bool = False  # bad records are errors rather than skipped and counted
-    max_bad_images: int = 100  # training images unreadable mid-epoch that are skipped (named in the log) before the run stops
+    # training images unreadable mid-epoch that are skipped (named in the log) before the run stops
+    max_bad_images: int = 100
     mixture: list[MixtureSource] = field(default_factory=list)  # training sources, sampled by weight
     exclude: Optional[list[EvalSet]] = None  # their eval images leave the mixture; unset: its REFER/TransVG sources
     index_dir: str = "data/index"  # record tables of the mixture's sources, built once, memory-mapped

@@ -97,7 +97,8 @@ class Deployment:
                 continue
             covers = ~np.any(row & ~self._open, axis=1)  # every open gate of the row is open there
             found = [i for i in self._by_flops if covers[i]]
-            out.append((self.subnets[found[0]]["file"], "superset") if found else (self.index["dense"]["file"], "dense"))
+            out.append((self.subnets[found[0]]["file"], "superset") if found
+                       else (self.index["dense"]["file"], "dense"))
         return out
 
     def predict(self, image, expressions: list[str] | str) -> list[dict]:

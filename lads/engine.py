@@ -31,8 +31,14 @@ from lads.errors import LadsError
 from lads.models.provenance import check_eval_overlap
 from lads.util import dist
 from lads.util.amp import autocast, grad_scaler, resolve_amp
-from lads.util.checkpoint import (init_weights, load_training_state, load_weights, read_meta,
-                                  restored_model_config, save_checkpoint)
+from lads.util.checkpoint import (
+    init_weights,
+    load_training_state,
+    load_weights,
+    read_meta,
+    restored_model_config,
+    save_checkpoint,
+)
 
 
 def mix_seed(*parts: int) -> int:
@@ -127,7 +133,8 @@ def load_split(cfg: Config, split: str, train: bool, tokenizer):
         records = load_mixture(cfg.data)
     else:
         if not cfg.data.path:
-            raise LadsError("data.path is not set: give --data PATH (a REFER folder, TransVG split folder or JSONL file)")
+            raise LadsError("data.path is not set: give --data PATH (a REFER folder, TransVG split folder "
+                            "or JSONL file)")
         contents = read_dataset(cfg.data.path, [split], image_root=cfg.data.image_root, split_by=cfg.data.split_by,
                                 strict=cfg.data.strict)
         records, skipped = contents.records, contents.skipped_by_reason()
@@ -244,7 +251,8 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
     val = load_split(cfg, cfg.data.eval_splits[0], False, tokenizer) if t.eval_every > 0 else None
     steps_per_epoch = len(dataset) // t.batch_size
     if steps_per_epoch == 0:
-        raise LadsError(f"{cfg.data.path}: {len(dataset)} training expressions, fewer than one global batch ({t.batch_size})")
+        raise LadsError(f"{cfg.data.path}: {len(dataset)} training expressions, fewer than one global batch "
+                        f"({t.batch_size})")
     total_steps = t.epochs * steps_per_epoch
     if t.max_steps is not None:
         total_steps = min(t.max_steps, total_steps)
@@ -258,7 +266,8 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
         step, trained_s, schedule["drop"] = _resume(resume, cfg, model, optimizer, scheduler, scaler, schedule["drop"])
     ddp = model
     if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp = torch.nn.parallel.DistributedDataParallel(model,
+                                                        device_ids=[device.index] if device.type == "cuda" else None)
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))

@@ -71,7 +71,8 @@ class ObjectScenes(Dataset):
         source = Path(source)
         if source.is_file() and source.suffix == ".json":
             annotations, images, wanted, self.provenance, self.excluded_images = _coco_scenes(source, exclude)
-            default_root, start, collections = source.parent.parent / source.stem.split("_")[-1], source.parent, ("coco",)
+            default_root, start, collections = (source.parent.parent / source.stem.split("_")[-1], source.parent,
+                                                ("coco",))
         else:
             annotations, images, wanted, self.provenance = _refer_scenes(source, split, split_by)
             default_root, start, collections = source / "images", source, refer.collections(source.name)
@@ -232,7 +233,8 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
     dataset = ObjectScenes(cfg.data.path, cfg.data.train_split, cfg.model.image_size,
                            cfg.data.image_root, cfg.data.split_by, hue=p.hue, exclude=cfg.data.exclude)
     if len(dataset) < p.batch_size:
-        raise LadsError(f"{cfg.data.path}: {len(dataset)} training images, fewer than pretrain.batch_size {p.batch_size}")
+        raise LadsError(f"{cfg.data.path}: {len(dataset)} training images, fewer than pretrain.batch_size "
+                        f"{p.batch_size}")
     print(f"{cfg.data.path}: {len(dataset):,} images, {dataset.image_root.describe()}; left out "
           f"{dataset.excluded_images:,} images of evaluation splits")
     backbone = VisualBackbone(v.width, "batch", v.dilation, frozen_stages=0)
@@ -254,7 +256,8 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
     optimizer = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
     scaler = grad_scaler(device, amp)
     loader = DataLoader(dataset, p.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
-                        num_workers=loader_workers(cfg.data.num_workers), generator=torch.Generator().manual_seed(p.seed))
+                        num_workers=loader_workers(cfg.data.num_workers),
+                        generator=torch.Generator().manual_seed(p.seed))
     out.mkdir(parents=True, exist_ok=True)
     log = MetricLog(out, enabled=True)
     names = {f"acc_{k}": f"acc_{name}" for k, name in enumerate(dataset.heads)}
@@ -296,7 +299,8 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
     os.replace(tmp, weights)
     meta = {"steps": step, "max_steps": p.steps, "batch_size": p.batch_size,
             "minutes": round((time.time() - start) / 60, 2), "data": str(cfg.data.path),
-            "images": len(dataset), "amp": amp, "width": v.width, "dilation": v.dilation, "image_size": cfg.model.image_size,
+            "images": len(dataset), "amp": amp, "width": v.width, "dilation": v.dilation,
+            "image_size": cfg.model.image_size,
             "heads": dataset.heads, "init": p.init, "excluded_images": dataset.excluded_images,
             "excluded_datasets": sorted(provenance.excluded), "last": record}
     (out / META).write_text(json.dumps(meta, indent=2))

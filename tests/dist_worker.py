@@ -28,5 +28,6 @@ save_file(params, str(out / f"rank{rank}.safetensors"))
 records, _ = load_records(cfg.data.path, "train")
 dataset = RecDataset(records[:7], load_tokenizer(model.config.text.name), cfg.model.image_size)
 summary = evaluate(model, dataset, batch_size=2, mode="masked", progress=False)
-(out / f"eval{rank}.json").write_text(json.dumps({"expressions": summary["expressions"], "world": dist.get_world_size()}))
+(out / f"eval{rank}.json").write_text(json.dumps({"expressions": summary["expressions"],
+                                                  "world": dist.get_world_size()}))
 dist.cleanup()

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from lads.analysis import stats
-from lads.commands.analyze import analyze, choose_examples
 from lads.cli import main
+from lads.commands.analyze import analyze, choose_examples
 from lads.errors import LadsError
 from lads.models.gating import Candidate, GateLayout, Gates
 
@@ -311,7 +311,8 @@ def test_filters_kept_one_definition(model, synth_data, tmp_path):
     for r in records:
         with torch.no_grad():
             gates = model(**model.prepare(r.image, [r.expression]))["gates"]
-        runs = [i not in layout.layer_slot or gates.layer[0, layout.layer_slot[i]] == 1 for i in range(layout.num_visual)]
+        runs = [i not in layout.layer_slot or gates.layer[0, layout.layer_slot[i]] == 1
+                for i in range(layout.num_visual)]
         by_hand.append(sum(int(gates.filter[0, s].sum()) for s, run in zip(layout.filter_slices, runs) if run))
         open_gates.append(int(gates.filter[0].sum()))
     assert any(h < o for h, o in zip(by_hand, open_gates))  # the two definitions differ here

@@ -200,7 +200,8 @@ def test_an_empty_input_writes_nothing(model, tmp_path):
 def test_benchmark_runs_small(trained, synth_data, tmp_path):
     """benchmarks/batch_predict.py on 12 expressions, one round: its table and figures."""
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, str(root / "benchmarks" / "batch_predict.py"), "--checkpoint", str(trained[0]),
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "batch_predict.py"),
+                           "--checkpoint", str(trained[0]),
                            "--data", synth_data, "--split", "train", "--expressions", "12", "--repeats", "1",
                            "--out", str(tmp_path)], env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

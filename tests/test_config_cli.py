@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import make_batch
+
 from lads import __version__
 from lads.config import ConfigError, known_presets, load_config
 from lads.errors import LadsError
@@ -18,8 +18,8 @@ from lads.models import Gates
 
 
 def test_presets_and_overrides():
-    assert known_presets() == ["lads-r50", "pretrain-coco", "pretrain-mixture", "refcoco", "refcoco+", "refcoco+-ft", "refcoco-ft",
-                               "refcocog", "refcocog-ft", "referit", "referit-ft", "tiny"]
+    assert known_presets() == ["lads-r50", "pretrain-coco", "pretrain-mixture", "refcoco", "refcoco+", "refcoco+-ft",
+                               "refcoco-ft", "refcocog", "refcocog-ft", "referit", "referit-ft", "tiny"]
     assert load_config("refcoco").model.image_size == 512  # a dataset preset builds on lads-r50
     cfg = load_config("tiny", ["model.fusion.num_layers=2", "model.loss.mi=0"])
     assert cfg.model.fusion.num_layers == 2 and cfg.model.loss.mi == 0.0
@@ -27,7 +27,8 @@ def test_presets_and_overrides():
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(ConfigError, match=r"'nope'.*known presets: lads-r50, pretrain-coco, pretrain-mixture, refcoco, .*, tiny"):
+    with pytest.raises(ConfigError,
+                       match=r"'nope'.*known presets: lads-r50, pretrain-coco, pretrain-mixture, refcoco, .*, tiny"):
         load_config("nope")
 
 
@@ -157,6 +158,6 @@ def test_cli_error_is_one_line_and_exit_2():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "lads info: error: unknown preset or config file 'nope'; "
-        "known presets: lads-r50, pretrain-coco, pretrain-mixture, refcoco, refcoco+, refcoco+-ft, refcoco-ft, refcocog, "
-        "refcocog-ft, referit, referit-ft, tiny"
+        "known presets: lads-r50, pretrain-coco, pretrain-mixture, refcoco, refcoco+, refcoco+-ft, refcoco-ft, "
+        "refcocog, refcocog-ft, referit, referit-ft, tiny"
     ]

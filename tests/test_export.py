@@ -35,7 +35,8 @@ def checkpoint(tmp_path_factory, tiny_text_dir):
     with torch.no_grad():
         for _ in range(3):
             ids = torch.randint(1000, 5000, (4, 6))
-            model(torch.randn(4, 3, size, size), torch.zeros(4, size, size, dtype=torch.bool), ids, torch.ones_like(ids))
+            model(torch.randn(4, 3, size, size), torch.zeros(4, size, size, dtype=torch.bool), ids,
+                  torch.ones_like(ids))
     path = tmp_path_factory.mktemp("export") / "checkpoint"
     return save_checkpoint(path, model.eval(), to_dict(cfg), {}, tokenizer=AutoTokenizer.from_pretrained(tiny_text_dir))
 
@@ -157,7 +158,8 @@ def test_cli_bad_arguments(checkpoint, tmp_path, capsys):
             assert e.code == 2
         return capsys.readouterr().err
 
-    assert "--format: invalid choice: 'tflite'" in error("--checkpoint", checkpoint, "--expr", "x", "--format", "tflite")
+    assert "--format: invalid choice: 'tflite'" in error("--checkpoint", checkpoint, "--expr", "x",
+                                                         "--format", "tflite")
     assert "one of the arguments --expr --gates --bank is required" in error("--checkpoint", checkpoint)
     assert error("--checkpoint", tmp_path / "nowhere", "--expr", "x").startswith(
         f"lads export: error: checkpoint {tmp_path / 'nowhere'}: no such folder")

@@ -20,7 +20,6 @@ import torch
 from lads.errors import LadsError
 from lads.util.download import fetch
 
-
 # ----------------------------------------------------------------------------- weights by URL
 
 
@@ -169,7 +168,8 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, tiny_text_dir, synth_
 
     out = tmp_path / "run"
     sets = engine_overrides(tiny_text_dir, synth_data, out) + [
-        "train.max_steps=6", "train.epochs=100", "train.checkpoint_every=2", "train.batch_size=4", "train.micro_batch=4"]
+        "train.max_steps=6", "train.epochs=100", "train.checkpoint_every=2", "train.batch_size=4",
+        "train.micro_batch=4"]
     done = subprocess.run([sys.executable, "-c", FULL_DISK, "train", "--config", "tiny",
                            *(a for s in sets for a in ("--set", s))], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import make_batch
+
 from lads.models import Gates
 from lads.models.gating import binary_gates
 

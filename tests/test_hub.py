@@ -98,7 +98,8 @@ def test_card_figures_are_the_checkpoints_own(trained, tiny_text_dir, synth_data
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-m", "lads.cli", "eval", "--checkpoint", str(checkpoint), "--splits", "val",
-                           "test", "--out", str(tmp_path / "table")], env=env, capture_output=True, text=True, timeout=300)
+                           "test", "--out", str(tmp_path / "table")],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     row = json.loads((tmp_path / "table.json").read_text())[0]
     card = (checkpoint / "README.md").read_text()
@@ -109,7 +110,8 @@ def test_card_figures_are_the_checkpoints_own(trained, tiny_text_dir, synth_data
     read_meta(checkpoint)  # the card and eval.json are not files the checkpoint check counts
 
     model = LADS.from_pretrained(checkpoint)
-    assert f"| {row['splits']['test']['prec@0.5']:.2f} |" in (model.save_pretrained(tmp_path / "a") / "README.md").read_text()
+    assert (f"| {row['splits']['test']['prec@0.5']:.2f} |"
+            in (model.save_pretrained(tmp_path / "a") / "README.md").read_text())
     with torch.no_grad():
         model.head.layers[-1].bias.add_(0.1)  # no longer the weights evaluated
     assert "Not evaluated yet" in (model.save_pretrained(tmp_path / "b") / "README.md").read_text()

@@ -9,10 +9,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lads.models import Gates
 from lads.config import LossConfig
+from lads.models import Gates
 from lads.models.losses import (
-    binary_entropy, centre_cell, gate_mutual_information, giou_loss, l1_loss, lads_loss, mutual_information,
+    binary_entropy,
+    centre_cell,
+    gate_mutual_information,
+    giou_loss,
+    l1_loss,
+    lads_loss,
+    mutual_information,
     token_loss,
 )
 from lads.util.box_ops import box_iou, cxcywh_to_xyxy, generalized_box_iou, xyxy_to_cxcywh

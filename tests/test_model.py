@@ -3,15 +3,14 @@ and a short optimisation that must drive the loss down."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
-import math
-
 import torch
 import torch.nn.functional as F
-
 from helpers import make_batch
+
 from lads.cli import main as lads_main
 from lads.models import Gates, build_model
 from lads.models.fusion import attn_block, ffn_block, input_sequence

@@ -115,7 +115,8 @@ def test_drawing_shows_the_true_box_dashed_and_keeps_labels_apart(photos, tmp_pa
     picture = Image.open(draw(folder / "scene.jpg", predictions, tmp_path / "p.png", truths=[truth, None, None]))
     factor = picture.width // width
     red = tuple(int(COLOURS[0][i:i + 2], 16) for i in (1, 3, 5))
-    edge = [picture.getpixel((x, int(truth[1] * factor))) for x in range(int(truth[0] * factor) + 2, int(truth[2] * factor) - 2)]
+    edge = [picture.getpixel((x, int(truth[1] * factor)))
+            for x in range(int(truth[0] * factor) + 2, int(truth[2] * factor) - 2)]
     painted = [p[:3] == red for p in edge]
     assert 0.3 < sum(painted) / len(painted) < 0.8  # dashed: painted and gaps along the true box's top edge
 

@@ -107,7 +107,8 @@ def test_init_with_another_architecture_says_what_differs(dense_run, tmp_path):
 
     model = LADS(restored_model_config(cfg.model, cfg.model.init))
     with pytest.raises(LadsError, match=r"model\.init=\S+: \S+model\.safetensors does not fit this model's config: "
-                                        r"missing \[\], unexpected \['fusion\.layers\.1\..*must match the checkpoint's"):
+                                        r"missing \[\], unexpected \['fusion\.layers\.1\..*"
+                                        r"must match the checkpoint's"):
         init_weights(model, cfg.model.init)
     with pytest.raises(LadsError, match="no such folder"):
         init_weights(model, checkpoint.parent / "nothing")

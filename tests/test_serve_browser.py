@@ -19,8 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, DRIVER = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
-                                reason="no chromium + chromedriver here (Debian: apt-get install chromium chromium-driver; "
-                                       ".ci/run installs them)")
+                                reason="no chromium + chromedriver here (Debian: apt-get install chromium "
+                                       "chromium-driver; .ci/run installs them)")
 
 
 def free_port() -> int:

@@ -51,7 +51,8 @@ def make_model(bert_dir):
         key = (preset, norm, tuple(extra))
         if key not in _MODELS:
             torch.manual_seed(0)
-            overrides = [f"model.text.name={bert_dir}", "model.text.pretrained=false", "model.text.num_layers=2", *extra]
+            overrides = [f"model.text.name={bert_dir}", "model.text.pretrained=false", "model.text.num_layers=2",
+                         *extra]
             if norm:
                 overrides.append(f"model.visual.norm={norm}")
             model = build_model(preset, overrides)
@@ -196,7 +197,8 @@ def test_runner_groups_caches_and_matches_masked(make_model):
     with torch.no_grad():
         text, text_mask = model.encode_text(input_ids, attention_mask)
         for i in range(6):
-            one = extract_subnet(model, gates.map(lambda g: g[i]))(images[i:i + 1], pixel_mask[i:i + 1], text[i:i + 1], text_mask[i:i + 1])
+            one = extract_subnet(model, gates.map(lambda g: g[i]))(images[i:i + 1], pixel_mask[i:i + 1],
+                                                                   text[i:i + 1], text_mask[i:i + 1])
             torch.testing.assert_close(out["boxes"][i:i + 1], one["boxes"], atol=ATOL, rtol=0)
 
     again = runner(images[:4], pixel_mask[:4], input_ids[:4], attention_mask[:4])
@@ -390,6 +392,7 @@ def test_low_precision_subnet_matches_the_masked_supernet(make_model, amp):
                     torch.testing.assert_close(out[key].float(), masked[key].float(), atol=2e-2, rtol=0, msg=name)
                 torch.testing.assert_close(out["heads"]["cls"], masked["heads"]["cls"], atol=2e-2, rtol=0, msg=name)
     low = SubnetRunner(model, amp=amp)
-    sub, masked = low(images, pixel_mask, input_ids, attention_mask), low(images, pixel_mask, input_ids, attention_mask, mode="masked")
+    sub, masked = (low(images, pixel_mask, input_ids, attention_mask),
+                   low(images, pixel_mask, input_ids, attention_mask, mode="masked"))
     assert low._plan.dtype == AMP[amp]
     torch.testing.assert_close(sub["heads"]["cls"], masked["heads"]["cls"], atol=2e-2, rtol=0)

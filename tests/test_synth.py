@@ -81,7 +81,8 @@ def matching(objects, phrase):
     size, colour, shape = phrase
     return [
         o for o in objects
-        if all(want in (None, o["attributes"][key]) for key, want in (("size", size), ("colour", colour), ("shape", shape)))
+        if all(want in (None, o["attributes"][key])
+               for key, want in (("size", size), ("colour", colour), ("shape", shape)))
     ]
 
 

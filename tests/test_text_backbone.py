@@ -51,7 +51,8 @@ def test_tiny_bert_truncated_equals_hidden_state_n(tiny_bert_dir, n):
 def test_not_pretrained_is_the_same_architecture_randomly_initialised(tiny_bert_dir):
     """``pretrained=False`` builds the architecture from the config only, without the weights."""
     loaded, random = TextBackbone(tiny_bert_dir, 2), TextBackbone(tiny_bert_dir, 2, pretrained=False)
-    assert [(k, v.shape) for k, v in loaded.state_dict().items()] == [(k, v.shape) for k, v in random.state_dict().items()]
+    assert ([(k, v.shape) for k, v in loaded.state_dict().items()]
+            == [(k, v.shape) for k, v in random.state_dict().items()])
     assert not torch.equal(loaded.bert.embeddings.word_embeddings.weight, random.bert.embeddings.word_embeddings.weight)
 
 

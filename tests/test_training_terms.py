@@ -195,7 +195,8 @@ def test_max_steps_ends_the_run_and_places_the_lr_drop(tmp_path, tiny_text_dir, 
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
     assert [r["lr"] for r in log] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4, 1e-4, 1e-4])
     with pytest.raises(LadsError, match="train.max_steps must be at least 1, got 0"):
-        train(load_config("tiny", engine_overrides(tiny_text_dir, synth_data, tmp_path / "zero") + ["train.max_steps=0"]))
+        train(load_config("tiny",
+                          engine_overrides(tiny_text_dir, synth_data, tmp_path / "zero") + ["train.max_steps=0"]))
 
 
 def test_expected_flops_of_hard_gates_equal_the_extracted_subnets(make_tiny):
@@ -216,7 +217,8 @@ def test_expected_flops_of_hard_gates_equal_the_extracted_subnets(make_tiny):
         got = expected_flops(gates, model.layout, model.gate_costs())
         for i in range(3):
             subnet = extract_subnet(model, gates.map(lambda g: g[i]))
-            want = subnet.analytic_flops(1, size, size, tokens)["total"] / dense.analytic_flops(1, size, size, tokens)["total"]
+            want = (subnet.analytic_flops(1, size, size, tokens)["total"]
+                    / dense.analytic_flops(1, size, size, tokens)["total"])
             assert got[i].item() == pytest.approx(want, rel=1e-6)  # float32
 
 

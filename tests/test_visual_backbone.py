@@ -159,7 +159,8 @@ def test_missing_and_unexpected_keys_are_refused_by_name(tmp_path):
     state["layer5.0.conv1.weight"] = torch.zeros(1)
     path = tmp_path / "bad.pth"
     torch.save(state, path)
-    with pytest.raises(LadsError, match=r"missing keys: layer3\.2\.conv2\.weight.*unexpected keys: layer5\.0\.conv1\.weight"):
+    with pytest.raises(LadsError,
+                       match=r"missing keys: layer3\.2\.conv2\.weight.*unexpected keys: layer5\.0\.conv1\.weight"):
         load_visual_weights(backbone, str(path))
 
 

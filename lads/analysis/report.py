@@ -43,7 +43,8 @@ def dynamicity_table(columns: dict[str, dict]) -> tuple[list[str], list[list[str
         return f"{k['mean']:.1f} of {_total(s, part)} on average, {k['min']:.0f} at least"
 
     rows = [
-        ["gated layers varying (selected for 10–90 % of expressions)", "layers_varying", lambda d: str(d["layers_varying"])],
+        ["gated layers varying (selected for 10–90 % of expressions)", "layers_varying",
+         lambda d: str(d["layers_varying"])],
         ["gated layers never selected", "layers_never", lambda d: str(d["layers_never"])],
         ["gated layers always selected", "layers_always", lambda d: str(d["layers_always"])],
         ["filters varying (5–95 %)", "filters_varying_fraction", lambda d: f"{d['filters_varying_fraction']:.3f}"],
@@ -105,7 +106,8 @@ def write_report(path: Path, stats: dict, figures: dict[str, Path], notes: list[
     if "dynamicity_by_type" in s:
         keys = ["layers_varying", "layers_never", "filters_varying_fraction", "filters_never_fraction"]
         parts.append(_table(
-            [[t, *(d[k] for k in keys), *([f"{d['flops']['mean']:.3f} ± {d['flops']['std']:.3f}"] if "flops" in d else [])]
+            [[t, *(d[k] for k in keys),
+              *([f"{d['flops']['mean']:.3f} ± {d['flops']['std']:.3f}"] if "flops" in d else [])]
              for t, d in s["dynamicity_by_type"].items()],
             ["type", *keys, *(["flops"] if "flops" in s["dynamicity"] else [])],
         ))

@@ -105,10 +105,13 @@ def _index(args):
 def _check_arguments(parser):
     parser.add_argument("paths", nargs="+", metavar="PATH", help="a REFER folder, a TransVG split folder or file, "
                         "a Flickr30k Entities folder, ... (as for lads data stats)")
-    parser.add_argument("--split-by", help="REFER refs(<splitBy>).p to read (default: unc, then umd, berkeley, google)")
-    parser.add_argument("--image-root", help="folder the image paths are relative to (default: found, see docs/data.md)")
+    parser.add_argument("--split-by",
+                        help="REFER refs(<splitBy>).p to read (default: unc, then umd, berkeley, google)")
+    parser.add_argument("--image-root",
+                        help="folder the image paths are relative to (default: found, see docs/data.md)")
     parser.add_argument("--expect", metavar="FILE.json",
-                        help="counts to compare with instead of the published ones: {split: {expressions, objects, images}}")
+                        help="counts to compare with instead of the published ones: "
+                             "{split: {expressions, objects, images}}")
     parser.add_argument("--no-image-check", action="store_true", help="compare the counts only")
 
 

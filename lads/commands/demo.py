@@ -39,9 +39,9 @@ def add_arguments(parser):
 
 
 def run(args):
+    from lads.commands.evaluate import evaluate_checkpoints, markdown_table
     from lads.config import load_config
     from lads.datasets import synth
-    from lads.commands.evaluate import evaluate_checkpoints, markdown_table
     from lads.pretrain import WEIGHTS, pretrain
 
     out = Path(args.out)
@@ -174,9 +174,9 @@ def _predict_examples(checkpoint, data: Path, out: Path, images: int = 4) -> lis
     its ground-truth box."""
     from collections import defaultdict
 
+    from lads.analysis.draw import draw
     from lads.datasets import load_records
     from lads.models import LADS
-    from lads.analysis.draw import draw
 
     model = LADS.from_pretrained(checkpoint)
     records, _ = load_records(data, "test")

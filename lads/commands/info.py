@@ -11,9 +11,8 @@ def add_arguments(parser):
 
 
 def run(args):
-    from lads.models import build_model
-
     from lads.commands import config_overrides
+    from lads.models import build_model
 
     model = build_model(args.config, config_overrides(args))
     if args.structure:

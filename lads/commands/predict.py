@@ -33,7 +33,8 @@ def add_arguments(parser):
     parser.add_argument("--batch-size", type=int, default=64, metavar="N",
                         help="with --input: expressions grounded together, across images (default: 64)")
     parser.add_argument("--workers", type=int, metavar="N",
-                        help="with --input: image-reading processes (default: the cores that torch leaves free, up to 8)")
+                        help="with --input: image-reading processes (default: the cores that torch leaves free, "
+                             "up to 8)")
 
 
 def run(args):

@@ -128,7 +128,8 @@ class Service:
         expressions = self.check_expressions(expressions)
         started = time.perf_counter()
         with self.lock:
-            result, predictions = ground_image(self.model, self.runner, image, expressions, "dense" if dense else "subnet")
+            result, predictions = ground_image(self.model, self.runner, image, expressions,
+                                               "dense" if dense else "subnet")
         out = {"predictions": predictions, "mode": "dense" if dense else "subnet",
                "image_size": [image.width, image.height],
                "times_ms": {k: round(1000 * v, 2) for k, v in result["times"].items()},

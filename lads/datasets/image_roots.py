@@ -47,7 +47,8 @@ class ImageRoot:
         return f"images in {self.path} ({self.how})"
 
 
-def find_image_root(given, default: Path, start: Path | None = None, collections=(), sample: str | None = None) -> ImageRoot:
+def find_image_root(given, default: Path, start: Path | None = None, collections=(),
+                    sample: str | None = None) -> ImageRoot:
     """``given`` if not None; else the first of ``default`` and the ``LAYOUTS`` of ``collections``
     (relative to ``start`` and its ``ANCESTORS`` parents) that holds the image ``sample`` (a name
     relative to the root); ``default`` when there is no sample or none holds it."""

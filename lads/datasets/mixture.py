@@ -4,7 +4,8 @@ Each source (``data.mixture``) is read once into a ``RecordTable`` under ``data.
 memory-mapped from then on. An epoch has as many samples as the sources have expressions; each
 source fills a quota of it in proportion to its weight (rounded down or up at random, so that
 it is exact on average), drawing its records in a seeded random order, cycled when its quota
-exceeds its size; the whole epoch is then shuffled. Everything is seeded by (seed, epoch), so a resumed run draws the same samples.
+exceeds its size; the whole epoch is then shuffled. Everything is seeded by (seed, epoch), so a
+resumed run draws the same samples.
 
 Leak-free: the images of the evaluation splits (``EVAL_SPLITS``) of the datasets in
 ``data.exclude`` leave every source, compared by COCO id — RefCOCO/+/g and the COCO-derived

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-
 COLUMNS = ("dataset", "split", "images", "objects", "expressions", "mean words", "max words",
            "skipped", "missing images")
 

@@ -273,7 +273,8 @@ def attribute_expressions(objects, obj) -> list[str]:
 
 def spatial_expressions(objects, obj) -> list[str]:
     found = []
-    for phrase in ((None, None, None), (None, obj.colour, None), (None, None, obj.shape), (None, obj.colour, obj.shape)):
+    for phrase in ((None, None, None), (None, obj.colour, None), (None, None, obj.shape),
+                   (None, obj.colour, obj.shape)):
         others = [o for o in objects if o is not obj and _matches(o, phrase)]
         if not others:
             continue

@@ -80,7 +80,8 @@ class GateLayout:
         """Per expression (N,): bottlenecks run (of 16, projection blocks included), fusion
         sublayers run (of 2M) and, given the filter gates, filters run (of ``num_filter_gates``)."""
         runs = self.runs(layer)
-        kept = {"visual_layers": runs[:, : self.num_visual].sum(1), "fusion_sublayers": runs[:, self.num_visual :].sum(1)}
+        kept = {"visual_layers": runs[:, : self.num_visual].sum(1),
+                "fusion_sublayers": runs[:, self.num_visual :].sum(1)}
         if filt is not None:
             kept["filters"] = self.filters_kept(layer, filt).sum(1)
         return kept

@@ -293,7 +293,8 @@ def check_inputs(images, pixel_mask, input_ids, attention_mask, image_index=None
         raise LadsError(f"images: expected a float tensor (B, 3, H, W), got {_describe(images)}")
     n, _, h, w = images.shape
     if not (torch.is_tensor(pixel_mask) and pixel_mask.dtype == torch.bool and tuple(pixel_mask.shape) == (n, h, w)):
-        raise LadsError(f"pixel_mask: expected a bool tensor ({n}, {h}, {w}), True = padding, got {_describe(pixel_mask)}")
+        raise LadsError(f"pixel_mask: expected a bool tensor ({n}, {h}, {w}), True = padding, "
+                        f"got {_describe(pixel_mask)}")
     b = n
     if image_index is not None:
         if not (torch.is_tensor(image_index) and image_index.dim() == 1 and image_index.dtype == torch.long):
@@ -301,7 +302,8 @@ def check_inputs(images, pixel_mask, input_ids, attention_mask, image_index=None
         b = len(image_index)
         if b and not (0 <= int(image_index.min()) and int(image_index.max()) < n):
             raise LadsError(f"image_index: values must index the {n} images (0 to {n - 1})")
-    if not (torch.is_tensor(input_ids) and input_ids.dim() == 2 and input_ids.shape[0] == b and input_ids.dtype == torch.long):
+    if not (torch.is_tensor(input_ids) and input_ids.dim() == 2 and input_ids.shape[0] == b
+            and input_ids.dtype == torch.long):
         raise LadsError(f"input_ids: expected a long tensor ({b}, L), got {_describe(input_ids)}")
     if not (torch.is_tensor(attention_mask) and tuple(attention_mask.shape) == tuple(input_ids.shape)):
         raise LadsError(f"attention_mask: expected a tensor {tuple(input_ids.shape)}, got {_describe(attention_mask)}")

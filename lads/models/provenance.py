@@ -70,7 +70,8 @@ def where_to_get(source: str) -> str:
                 f"into {Path(source).parent}/, or make leak-free weights with lads pretrain --config pretrain-coco "
                 "(docs/data.md, \"Leak-free weights\")")
     if source.endswith(".safetensors"):
-        return "Make it with lads pretrain (the pretrain-coco preset writes leak-free ResNet-50 weights for RefCOCO/+/g)"
+        return ("Make it with lads pretrain (the pretrain-coco preset writes leak-free ResNet-50 weights "
+                "for RefCOCO/+/g)")
     return "Give the path of a torchvision-layout ResNet or a DETR checkpoint"
 
 
@@ -138,7 +139,8 @@ def check_eval_overlap(model_cfg, data_cfg, init_config: dict | None = None, say
         raise LadsError(f"model.init={model_cfg.init} was trained with model.visual.allow_eval_overlap=true: its "
                         "weights may have seen evaluation images. Set model.visual.allow_eval_overlap=true here "
                         "too, on purpose, or start from leak-free weights (docs/data.md, \"Leak-free weights\")")
-    source = init_config["model"]["visual"].get("pretrained") if init_config is not None else model_cfg.visual.pretrained
+    source = (init_config["model"]["visual"].get("pretrained") if init_config is not None
+              else model_cfg.visual.pretrained)
     if not source or not data_cfg.path:
         return
     key = evaluation_key(data_cfg.path, data_cfg.split_by)

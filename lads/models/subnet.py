@@ -94,7 +94,8 @@ class ConvNorm:
     def constant(self) -> torch.Tensor:
         """What the layer outputs for an input of zeros: the norm's shift, or the folded bias."""
         out = self.scale_shift()[1] if self.norm is not None else self.bias
-        return torch.zeros(self.weight.shape[0], dtype=self.weight.dtype, device=self.weight.device) if out is None else out
+        return (torch.zeros(self.weight.shape[0], dtype=self.weight.dtype, device=self.weight.device)
+                if out is None else out)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
@@ -313,7 +314,8 @@ class Subnet(nn.Module):
             if sublayer.kind == "attn":
                 fusion += attention_flops(sublayer.self_attn, batch, tokens)
             else:
-                fusion += linear_flops(sublayer.linear1, batch * tokens) + linear_flops(sublayer.linear2, batch * tokens)
+                fusion += (linear_flops(sublayer.linear1, batch * tokens)
+                           + linear_flops(sublayer.linear2, batch * tokens))
         head = head_flops(self.head, self.token_head, batch, batch * h * w)
         return {"backbone": backbone, "fusion": fusion, "head": head, "total": backbone + fusion + head}
 

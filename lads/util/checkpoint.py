@@ -1,8 +1,8 @@
 """Checkpoints: a folder with weights (safetensors), config and metadata (JSON), a model card
-(``README.md``, ``lads.util.card``) and, for resuming, the optimizer, scheduler and RNG state. Written atomically: the new folder is
-complete (and synced to disk) before it replaces the old one, so a run killed at any moment
-leaves a complete checkpoint, the new or the previous one (docs/design.md §5d); a write that
-fails (a full disk) leaves the previous one and says why.
+(``README.md``, ``lads.util.card``) and, for resuming, the optimizer, scheduler and RNG state.
+Written atomically: the new folder is complete (and synced to disk) before it replaces the old
+one, so a run killed at any moment leaves a complete checkpoint, the new or the previous one
+(docs/design.md §5d); a write that fails (a full disk) leaves the previous one and says why.
 
     DIR/model.safetensors   DIR/config.json   DIR/meta.json   DIR/training_state.pt   DIR/text/   DIR/README.md
 """
@@ -122,7 +122,8 @@ def read_meta(path) -> tuple[Path, dict, dict]:
         if not f.exists():
             raise LadsError(f"checkpoint {path} is partial: {name} is missing")
         if f.stat().st_size != size:
-            raise LadsError(f"checkpoint {path}: {name} is truncated or altered ({f.stat().st_size} bytes, expected {size})")
+            raise LadsError(f"checkpoint {path}: {name} is truncated or altered ({f.stat().st_size} bytes, "
+                            f"expected {size})")
     return path, json.loads((path / CONFIG).read_text()), meta
 
 

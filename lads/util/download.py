@@ -73,7 +73,8 @@ def fetch(url: str, setting: str, timeout: float = TIMEOUT_S) -> Path:
         raise
     except (urllib.error.URLError, http.client.HTTPException, socket.timeout, TimeoutError, ConnectionError,
             ValueError) as e:
-        reason = f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", None) or repr(e)
+        reason = (f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError)
+                  else getattr(e, "reason", None) or repr(e))
         raise LadsError(f"{setting}={url}: cannot download it ({reason}); give a local copy's path instead "
                         f"({setting}=/path/to/{name}), or put the file in {path.parent}") from None
     except OSError as e:

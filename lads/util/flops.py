@@ -16,7 +16,6 @@ from torch import nn
 from torch.utils import flop_counter
 
 
-
 def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
 

@@ -93,6 +93,7 @@ def test_stats_checks_the_image_root(refer_dir, tmp_path, capsys):
     data_command.run(parser.parse_args(["stats", str(refer_dir), "--image-root", str(empty), "--split", "train"]))
     out = capsys.readouterr().out
     assert out.splitlines()[1].split()[-1] == "1" and "1 image file(s) missing" in out
-    data_command.run(parser.parse_args(["stats", str(refer_dir), "--image-root", str(empty), "--split", "train", "--no-image-check"]))
+    data_command.run(parser.parse_args(["stats", str(refer_dir), "--image-root", str(empty), "--split", "train",
+                                        "--no-image-check"]))
     out = capsys.readouterr().out
     assert out.splitlines()[1].split()[-1] == "-" and "missing (first" not in out

@@ -31,7 +31,8 @@ def voc_xml(width, height, objects) -> str:
         elif box == "nobox":
             inner += "<nobndbox>1</nobndbox><scene>0</scene>"
         else:
-            inner += "<bndbox>" + "".join(f"<{k}>{v}</{k}>" for k, v in zip(("xmin", "ymin", "xmax", "ymax"), box)) + "</bndbox>"
+            inner += ("<bndbox>" + "".join(f"<{k}>{v}</{k}>" for k, v in zip(("xmin", "ymin", "xmax", "ymax"), box))
+                      + "</bndbox>")
         parts.append(f"<object>{inner}</object>")
     return "".join(parts) + "</annotation>"
 

@@ -70,8 +70,10 @@ def test_lads_train_finds_the_images_of_the_refer_layout(tmp_path, tiny_text_dir
 def write_expected(tmp_path):
     """The counts of ``refer_toolkit``'s default copy, as ``--expect`` takes them."""
     expect = tmp_path / "expect.json"
-    expect.write_text(json.dumps({"train": {"expressions": 4, "objects": 2, "images": 2}, "val": {"expressions": 2, "objects": 1, "images": 1},
-            "testA": {"expressions": 2, "objects": 1, "images": 1}, "testB": {"expressions": 2, "objects": 1, "images": 1}}))
+    expect.write_text(json.dumps({"train": {"expressions": 4, "objects": 2, "images": 2},
+                                  "val": {"expressions": 2, "objects": 1, "images": 1},
+                                  "testA": {"expressions": 2, "objects": 1, "images": 1},
+                                  "testB": {"expressions": 2, "objects": 1, "images": 1}}))
     return expect
 
 
@@ -85,7 +87,8 @@ def test_check_passes_a_complete_copy(tmp_path, capsys):
 
 
 def test_check_names_a_short_split_and_a_missing_image(tmp_path, capsys):
-    folder = refer_toolkit(tmp_path, splits=(("train", 1), ("val", 3), ("testA", 4), ("testB", 5)))  # one train ref short
+    # one train ref short
+    folder = refer_toolkit(tmp_path, splits=(("train", 1), ("val", 3), ("testA", 4), ("testB", 5)))
     (tmp_path / "data/images/mscoco/images/train2014" / coco_name(4)).unlink()
     expect = write_expected(tmp_path)
     assert main(["data", "check", str(folder), "--expect", str(expect)]) == 1

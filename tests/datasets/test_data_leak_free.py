@@ -13,12 +13,12 @@ from conftest import coco_name, refer_toolkit, save_image
 from helpers import engine_overrides
 
 from lads.cli import main
-from lads.pretrain import ObjectScenes, pretrain
 from lads.config import load_config
 from lads.errors import LadsError
 from lads.models import build_model
 from lads.models.backbone import VisualBackbone
 from lads.models.provenance import eval_overlap, provenance_of
+from lads.pretrain import ObjectScenes, pretrain
 
 TINY = ["model.image_size=64", "model.visual.width=8", "model.text.num_layers=2"]
 
@@ -33,7 +33,8 @@ def detr_checkpoint(path, seed=0):
         if t.is_floating_point():  # away from the initialisation, so that a load shows
             t.add_(0.01 * torch.randn_like(t))
     model = {f"backbone.0.body.{k}": v.clone() for k, v in backbone.state_dict().items()}
-    model.update({"transformer.encoder.layers.0.linear1.weight": torch.randn(16, 8), "input_proj.weight": torch.randn(8, 32, 1, 1),
+    model.update({"transformer.encoder.layers.0.linear1.weight": torch.randn(16, 8),
+                  "input_proj.weight": torch.randn(8, 32, 1, 1),
                   "query_embed.weight": torch.randn(100, 8), "class_embed.weight": torch.randn(92, 8),
                   "bbox_embed.layers.0.weight": torch.randn(8, 8)})
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,7 +89,8 @@ def test_weights_that_saw_the_eval_images_are_refused_unless_allowed(tmp_path, t
 
     capsys.readouterr()
     allowed = tmp_path / "allowed"
-    assert main(train_args("refcoco", tiny_text_dir, refcoco, allowed, stock, "model.visual.allow_eval_overlap=true")) == 0
+    assert main(train_args("refcoco", tiny_text_dir, refcoco, allowed, stock,
+                           "model.visual.allow_eval_overlap=true")) == 0
     assert "warning: " in capsys.readouterr().out
     assert main(["eval", "--checkpoint", str(allowed / "checkpoint"), str(tmp_path / "clean" / "checkpoint"),
                  "--splits", "val", "--out", str(tmp_path / "table")]) == 0
@@ -110,7 +112,8 @@ def test_a_checkpoint_trained_on_overlapping_weights_passes_the_flag_on(tmp_path
     stock = tmp_path / "detr-r50.pth"  # TransVG's download script's name for DETR's COCO weights
     detr_checkpoint(stock)
     first = tmp_path / "first"
-    assert main(train_args("refcoco", tiny_text_dir, refcoco, first, stock, "model.visual.allow_eval_overlap=true")) == 0
+    assert main(train_args("refcoco", tiny_text_dir, refcoco, first, stock,
+                           "model.visual.allow_eval_overlap=true")) == 0
     assert main(train_args("refcoco", tiny_text_dir, refcoco, tmp_path / "second", "null",
                            f"model.init={first / 'checkpoint'}")) == 2
     assert "was trained with model.visual.allow_eval_overlap=true" in capsys.readouterr().err
@@ -135,8 +138,10 @@ def test_pretrain_on_coco_leaves_out_the_refer_eval_images(tmp_path, tiny_text_d
     instances = coco_instances(tmp_path)
     refcoco = refer_toolkit(tmp_path)  # val, testA, testB on COCO images 3, 4 and 5
     exclude = json.dumps([{"path": str(refcoco), "split_by": "unc"}])
-    scenes = ObjectScenes(instances, "train", 64, exclude=load_config("pretrain-coco", [f"data.exclude={exclude}"]).data.exclude)
-    assert scenes.excluded_images == 3 and [p.name for p, _ in scenes.items] == [coco_name(1), coco_name(2), coco_name(6)]
+    scenes = ObjectScenes(instances, "train", 64,
+                          exclude=load_config("pretrain-coco", [f"data.exclude={exclude}"]).data.exclude)
+    assert (scenes.excluded_images == 3
+            and [p.name for p, _ in scenes.items] == [coco_name(1), coco_name(2), coco_name(6)])
     assert [len(objects) for _, objects in scenes.items] == [1, 1, 1]  # the crowd box is no target
     assert scenes.image_root.path == tmp_path / "data" / "coco" / "train2014"
 
@@ -160,8 +165,8 @@ def test_pretrain_on_coco_leaves_out_the_refer_eval_images(tmp_path, tiny_text_d
                                load_file(str(weights))["layer2.0.conv1.weight"])
 
     kept = load_config("pretrain-coco", [f"data.path={instances}", "data.exclude=[]", *TINY, "pretrain.init=null",
-                                         "pretrain.steps=1", "pretrain.batch_size=2", f"pretrain.out={tmp_path / 'all'}",
-                                         "data.num_workers=0", "train.amp=none"])
+                                         "pretrain.steps=1", "pretrain.batch_size=2",
+                                         f"pretrain.out={tmp_path / 'all'}", "data.num_workers=0", "train.amp=none"])
     everything = pretrain(kept, progress=False)
     assert "saw the val and test images of refcoco/unc" in eval_overlap(str(everything), str(refcoco))[1]
     with pytest.raises(LadsError, match="data.exclude: name the REFER datasets"):

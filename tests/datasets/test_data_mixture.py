@@ -7,8 +7,8 @@ import json
 import pickle
 import subprocess
 import sys
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,7 +129,8 @@ def test_mixture_weights_a_long_draw_matches_them(tmp_path, sources):
         order = mixture.epoch_order(0, epoch)
         assert len(order) == len(mixture)
         per_epoch = np.bincount(mixture.source_of(order), minlength=3)
-        assert per_epoch.sum() == 21 and all(np.floor(s) <= c <= np.ceil(s) for c, s in zip(per_epoch, [5.25, 10.5, 5.25]))
+        assert per_epoch.sum() == 21 and all(np.floor(s) <= c <= np.ceil(s)
+                                             for c, s in zip(per_epoch, [5.25, 10.5, 5.25]))
         assert set(order.tolist()) >= {0, 1, 2}  # refcoco's 3 records fill its 5 draws: each at least once
         drawn.update(mixture.source_of(order).tolist())
     shares = np.array([drawn[k] for k in range(3)]) / (40 * 21)
