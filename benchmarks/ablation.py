@@ -8,7 +8,8 @@ The FLOPs budget (``loss.flops``) is off in every row: it makes subnets small, i
 training converge; the demo's staged schedule is measured by the demo itself.
 
     python benchmarks/ablation.py --data runs/demo/data \\
-        --pretrained runs/demo/pretrain/visual.safetensors --minutes 5 --out benchmarks/ablation
+        --pretrained runs/demo/pretrain/visual.safetensors --minutes 5 \\
+        --out benchmarks/results/ablation/<machine>-<date>-<commit>
 
 The runs go to ``--work`` (default ``runs/ablation``); a rerun skips the rows whose run finished.
 Writes ``ablation.md``, ``ablation.json`` and ``curves.png`` (val Prec@0.5 against training
@@ -85,7 +86,8 @@ def main():
     parser.add_argument("--eval-every", type=float, default=0.5, help="epochs between val evaluations")
     parser.add_argument("--runs", nargs="+", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--work", default="runs/ablation", help="folder for the training runs")
-    parser.add_argument("--out", default="benchmarks/ablation", help="folder for the table and the plot")
+    parser.add_argument("--out", default="benchmarks/results/ablation/latest",
+                        help="folder for the table and the plot (benchmarks/results/ablation/MACHINE-DATE-COMMIT)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,8 @@ is evaluated on ``--split`` (extracted subnets, Prec@0.5 of the inference head, 
 type) and its subnets counted there (``stats.dynamicity``: layers varying, never selected,
 filters varying, FLOPs mean and spread).
 
-    python benchmarks/adaptive.py --demo runs/demo --arms lads static dense mi3 --out benchmarks/adaptive
+    python benchmarks/adaptive.py --demo runs/demo --arms lads static dense mi3 \\
+        --out benchmarks/results/adaptive/<machine>-<date>-<commit>
 
 ``--demo`` is a finished (or at least stage-1-finished) demo folder: its data, pre-trained
 backbone and stage-1 checkpoint. Runs go to ``--work`` (default ``runs/adaptive``); a rerun skips
@@ -94,7 +95,9 @@ def main():
     parser.add_argument("--split", default="val")
     parser.add_argument("--set", nargs="*", default=[], help="overrides for every arm (e.g. demo.steps=360)")
     parser.add_argument("--work", default="runs/adaptive")
-    parser.add_argument("--out", default="benchmarks/adaptive")
+    parser.add_argument("--out", default="benchmarks/results/adaptive/latest",
+                        help="folder for adaptive.md and adaptive.json "
+                             "(benchmarks/results/adaptive/MACHINE-DATE-COMMIT)")
     args = parser.parse_args()
     rows = []
     for name in args.arms:

@@ -13,7 +13,7 @@ Prints and writes (``--out``) expressions per second (median, min and max of the
 ratios of the medians, and the largest box difference between the three (pixels).
 
     python benchmarks/batch_predict.py --checkpoint runs/demo/lads/checkpoint --data runs/demo/data \
-        --out benchmarks/batch-predict
+        --out benchmarks/results/batch-predict/<machine>-<date>-<commit>
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ both, the share of expressions served by their own subnet, by a superset, by the
 text backbone inside), and milliseconds per expression.
 
     python benchmarks/deploy_bank.py --checkpoint runs/demo/lads/checkpoint --data runs/demo/data \
-        --out benchmarks/deploy-bank
+        --out benchmarks/results/deploy-bank/<machine>-<date>-<commit>
 """
 
 from __future__ import annotations

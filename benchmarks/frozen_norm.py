@@ -8,7 +8,7 @@ its own pass after each convolution (what it ran before); prints ms per step (me
 quartiles of ``--rounds`` rounds of ``--steps`` steps, the two ways alternating, each after 2
 warm-up steps) and the largest difference of the two outputs before the first step.
 
-    python benchmarks/frozen_norm.py --out benchmarks/frozen-norm
+    python benchmarks/frozen_norm.py --out benchmarks/results/frozen-norm/<machine>-<date>-<commit>
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ and val splits; then, for ``--seconds`` each, on the cached features:
 Also printed: how much the text ``[CLS]`` output varies across expressions.
 
     python benchmarks/head_probe.py --data runs/demo/data \
-        --pretrained runs/demo/pretrain/visual.safetensors --out benchmarks/head-probe
+        --pretrained runs/demo/pretrain/visual.safetensors \
+        --out benchmarks/results/head-probe/<machine>-<date>-<commit>
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def main():
     parser.add_argument("--pretrained", default="runs/demo/pretrain/visual.safetensors",
                         help="visual.safetensors from lads pretrain; 'none' for a random backbone")
     parser.add_argument("--seconds", type=float, default=120, help="training time of each probe")
-    parser.add_argument("--out", default="benchmarks/head-probe", help="folder for probe.md and probe.json")
+    parser.add_argument("--out", default="benchmarks/results/head-probe/latest",
+                        help="folder for probe.md and probe.json (benchmarks/results/head-probe/MACHINE-DATE-COMMIT)")
     args = parser.parse_args()
     pretrained = "null" if args.pretrained == "none" else args.pretrained
     cfg = load_config(args.config, [f"model.visual.pretrained={pretrained}", "model.dense=true",

@@ -12,7 +12,7 @@ yet) and run to the end. Checked every time: the resume read a complete checkpoi
 ``train.checkpoint_every`` steps, and ended with weights equal, bit for bit, to those of a run
 that was never killed; no temporary or previous checkpoint folder is left behind.
 
-    python benchmarks/kill_sweep.py --data runs/demo/data --out benchmarks/results/kill-sweep
+    python benchmarks/kill_sweep.py --data runs/demo/data --out benchmarks/results/kill-sweep/<machine>-<date>-<commit>
 
 ``--points`` names points; by default ``--kills`` of them spread over every kind. The worker mode
 (``--worker POINT -- ARGS``) is ``lads ARGS`` with the point armed.
@@ -251,7 +251,9 @@ def main():
     parser.add_argument("--points", nargs="*", help="these kill points instead")
     parser.add_argument("--set", nargs="*", default=[], help="more config overrides for every run")
     parser.add_argument("--work", default="runs/kill-sweep")
-    parser.add_argument("--out", default="benchmarks/results/kill-sweep")
+    parser.add_argument("--out", default="benchmarks/results/kill-sweep/latest",
+                        help="folder for kill_sweep.md and kill_sweep.json "
+                             "(benchmarks/results/kill-sweep/MACHINE-DATE-COMMIT)")
     args = parser.parse_args()
     points = args.points or spread(all_points(), args.kills)
     reference_run = Path(args.work) / "uninterrupted"

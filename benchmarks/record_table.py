@@ -1,7 +1,7 @@
 """Records at the paper's scale: build a record table of N generated expressions, then open it
 in a fresh process and read it from 4 DataLoader workers; time and memory of each step.
 
-    python benchmarks/record_table.py --records 6000000 --out benchmarks/record-table
+    python benchmarks/record_table.py --records 6000000 --out benchmarks/results/record-table/<machine>-<date>-<commit>
 
 Build: ``Record`` objects through ``TableBuilder`` (what the readers do), then ``save``. Load, in
 a new process: ``RecordTable.open`` (memory-mapped), every column read once (all pages resident:

@@ -9,7 +9,8 @@ one unless ``--api-key``), sent with every request; its per-client rate limit is
 (``serve.requests_per_minute=0``: this one client is all the load), its bound on concurrent work
 as configured.
 
-    python benchmarks/serve_load.py --checkpoint runs/demo/lads/checkpoint --out benchmarks/serve
+    python benchmarks/serve_load.py --checkpoint runs/demo/lads/checkpoint \
+        --out benchmarks/results/serve-load/<machine>-<date>-<commit>
 """
 
 from __future__ import annotations

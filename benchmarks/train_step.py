@@ -6,7 +6,7 @@ turn, and last all of them in float32 (``train.amp=auto`` on a CPU without nativ
 per step and samples per second (median and quartiles of ``--steps`` steps after 2 warm-up steps)
 and, with ``--profile``, the top operators of the last configuration.
 
-    python benchmarks/train_step.py --data runs/demo/data --out benchmarks/train-step
+    python benchmarks/train_step.py --data runs/demo/data --out benchmarks/results/train-step/<machine>-<date>-<commit>
 """
 
 from __future__ import annotations
