@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from lads.analysis.curves import plot_curves
-from lads.commands.evaluate import evaluate_checkpoints
 from lads.config import load_config
 from lads.engine import train
+from lads.evaluation import evaluate_checkpoints
 from lads.util.checkpoint import read_meta
 
 # The earlier tiny settings: Eq. 9 only, float32, the text backbone trained, dropout 0.1,

@@ -1,7 +1,7 @@
 """Do the subnets follow the expression? Stage-2 arms from one stage-1 checkpoint, on val
 (docs/design.md §5c; issue: LADS against its static control).
 
-Every arm trains stage 2 of the demo (``lads.commands.demo.stage2_overrides``: the same steps,
+Every arm trains stage 2 of the demo (``lads.demo.stage2_overrides``: the same steps,
 warm-up and learning-rate drop) from the same stage-1 weights, with the overrides it names, then
 is evaluated on ``--split`` (extracted subnets, Prec@0.5 of the inference head, per expression
 type) and its subnets counted there (``stats.dynamicity``: layers varying, never selected,
@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
+from lads.analysis.collect import subnet_statistics
 from lads.analysis.stats import VARYING_FILTERS, VARYING_LAYERS
-from lads.commands.analyze import subnet_statistics
-from lads.commands.demo import STAGE2, stage2_overrides
-from lads.commands.evaluate import evaluate_checkpoints
 from lads.config import load_config
 from lads.datasets import load_records
+from lads.demo import STAGE2, stage2_overrides
 from lads.engine import train
+from lads.evaluation import evaluate_checkpoints
 from lads.models import LADS
 from lads.util.dist import device_name, local_device
 

@@ -28,8 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lads.commands import add_config_arguments, config_overrides
-from lads.config import load_config
+from lads.config import add_config_arguments, config_overrides, load_config
 from lads.datasets.dataset import collate
 from lads.engine import load_split
 from lads.models import LADS

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from lads.analysis import stats
+from lads.analysis.collect import analyze, choose_examples
 from lads.cli import main
-from lads.commands.analyze import analyze, choose_examples
 from lads.errors import LadsError
 from lads.models.gating import Candidate, GateLayout, Gates
 

@@ -96,15 +96,15 @@ def test_a_signal_stops_the_whole_demo_and_a_rerun_resumes_it(tmp_path, tiny_tex
 def test_step_budget_is_fitted_to_the_machine_within_bounds(tmp_path, tiny_text_dir, synth_data, reference, scale):
     """A real probe of training steps; the reference machine's step time set so far off that
     the factor is clamped, so the steps are known: the preset's × the bound, rounded."""
-    from lads.commands.demo import _budget
+    from lads.demo import step_budget
 
     overrides = [o for o in SMALL if not o.startswith("demo.fit")] + [
         f"model.text.name={tiny_text_dir}", f"data.path={synth_data}", "demo.shared_steps=40",
         "demo.steps=20", "pretrain.steps=12", f"demo.reference_step_s={reference}"]
-    budget = _budget(tmp_path, "tiny", overrides)
+    budget = step_budget(tmp_path, "tiny", overrides)
     assert budget["probe_step_s"] > 0 and budget["scale"] == scale
     assert budget["steps"] == {k: round(v * scale) for k, v in
                                {"pretrain.steps": 12, "demo.shared_steps": 40, "demo.steps": 20}.items()}
     saved = json.loads((tmp_path / "budget.json").read_text())
     assert saved == budget and saved["overrides"][0] == "demo.fit_to_machine=false"
-    assert _budget(tmp_path, "tiny", []) == budget  # a rerun keeps the steps it chose
+    assert step_budget(tmp_path, "tiny", []) == budget  # a rerun keeps the steps it chose

@@ -16,7 +16,7 @@ from lads.errors import LadsError
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from lads.commands.serve import create_app, load_service  # noqa: E402
+from lads.serve import create_app, load_service  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +199,7 @@ def test_api_key_is_needed_on_every_v1_call(trained, monkeypatch):
 def test_each_client_gets_its_rate_and_then_429(trained):
     """serve.requests_per_minute=3: a client's 4th call in a burst is a 429 with Retry-After;
     another client is still served; the bucket refills at the rate."""
-    from lads.commands.serve import RateLimiter
+    from lads.serve import RateLimiter
 
     client = TestClient(create_app(load_service(trained[0], ["serve.requests_per_minute=3"])))
     codes = [client.get("/v1/health").status_code for _ in range(4)]

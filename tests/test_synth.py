@@ -6,7 +6,6 @@ from its code: it parses each expression and evaluates it on the annotations.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import pickle
@@ -291,15 +290,13 @@ def test_bad_arguments_name_the_argument(tmp_path, arguments, named):
 
 
 def test_existing_dataset_needs_force_and_command_line_writes(tmp_path, capsys):
-    from lads.commands import data as data_command
+    from lads.cli import main
 
-    parser = argparse.ArgumentParser()
-    data_command.add_arguments(parser)
-    args = parser.parse_args(["synth", "--out", str(tmp_path / "d"), "--seed", "1", "--images", "3"])
-    data_command.run(args)
+    args = ["data", "synth", "--out", str(tmp_path / "d"), "--seed", "1", "--images", "3"]
+    assert main(args) == 0
     assert len(list((tmp_path / "d" / "images").iterdir())) == 3  # round(0.1 * 3) = 0 heldout
-    with pytest.raises(LadsError, match="--out .*--force"):
-        data_command.run(args)
-    args = parser.parse_args(["synth", "--out", str(tmp_path / "d"), "--images", "1", "--force"])
-    data_command.run(args)
+    capsys.readouterr()
+    assert main(args) == 2
+    assert re.search("^lads data synth: error: --out .*--force", capsys.readouterr().err, re.M)
+    assert main(["data", "synth", "--out", str(tmp_path / "d"), "--images", "1", "--force"]) == 0
     assert len(list((tmp_path / "d" / "images").iterdir())) == 1

@@ -29,7 +29,7 @@ from lads.util.amp import DTYPES, amp_dtype, autocast
 
 
 def add_arguments(parser):
-    from lads.commands import add_config_arguments
+    from lads.config import add_config_arguments
 
     add_config_arguments(parser, default="lads-r50", data=False)
     parser.add_argument("--checkpoint", metavar="DIR", help="a trained model: DIR/config.json + DIR/model.safetensors")
@@ -62,7 +62,7 @@ def add_arguments(parser):
 
 
 def build(args):
-    from lads.commands import config_overrides
+    from lads.config import config_overrides
     from lads.models import build_model
 
     overrides = config_overrides(args)

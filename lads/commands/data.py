@@ -80,7 +80,7 @@ def _stats(args):
 
 
 def _index_arguments(parser):
-    from lads.commands import add_config_arguments
+    from lads.config import add_config_arguments
 
     add_config_arguments(parser)
 
@@ -89,8 +89,7 @@ def _index(args):
     """Build the record tables of a config's ``data.mixture`` in ``data.index_dir`` once, before a
     run on many processes or machines, and say what each source holds, skips and loses to the
     leak-free exclusion."""
-    from lads.commands import config_overrides
-    from lads.config import load_config
+    from lads.config import config_overrides, load_config
     from lads.datasets.mixture import load_mixture, table_folder
     from lads.errors import LadsError
 

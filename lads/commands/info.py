@@ -4,14 +4,14 @@ from __future__ import annotations
 
 
 def add_arguments(parser):
-    from lads.commands import add_config_arguments
+    from lads.config import add_config_arguments
 
     add_config_arguments(parser, data=False)
     parser.add_argument("--structure", action="store_true", help="also print the module tree")
 
 
 def run(args):
-    from lads.commands import config_overrides
+    from lads.config import config_overrides
     from lads.models import build_model
 
     model = build_model(args.config, config_overrides(args))

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 
 def add_arguments(parser):
-    from lads.commands import add_config_arguments
+    from lads.config import add_config_arguments
 
     add_config_arguments(parser, "pretrain.out")
 
 
 def run(args):
-    from lads.commands import config_overrides
-    from lads.config import load_config
+    from lads.config import config_overrides, load_config
     from lads.pretrain import pretrain
 
     pretrain(load_config(args.config, config_overrides(args, "pretrain.out")))

@@ -6,7 +6,7 @@ import json
 
 
 def add_arguments(parser):
-    from lads.commands import add_config_arguments
+    from lads.config import add_config_arguments
 
     add_config_arguments(parser, "train.out")
     parser.add_argument("--dense", action="store_true", help="train the dense baseline (model.dense=true)")
@@ -14,8 +14,7 @@ def add_arguments(parser):
 
 
 def run(args):
-    from lads.commands import config_overrides
-    from lads.config import apply_overrides, config_from_dict, load_raw
+    from lads.config import apply_overrides, config_from_dict, config_overrides, load_raw
     from lads.engine import train
     from lads.util.checkpoint import read_meta
 

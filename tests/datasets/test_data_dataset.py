@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
-
-import pytest
 import torch
 
-from lads.commands import data as data_command
+from lads.cli import main as lads_main
 from lads.datasets import load_records
 from lads.datasets.dataset import RecDataset, collate
 from lads.datasets.records import Record
 from lads.datasets.transforms import Augment, box_to_original
-from lads.errors import LadsError
 
 
 def test_items_and_batches(refer_dir, tokenizer):
@@ -63,11 +59,9 @@ def test_training_split_takes_the_config_augmentation(refer_dir, tokenizer):
 
 
 def test_stats_table(refer_dir, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    data_command.add_arguments(parser)
     jsonl = tmp_path / "mine.jsonl"
     jsonl.write_text('{"image": "a.jpg", "expression": "a b c", "box": [0, 0, 2, 2]}\nnot json\n')
-    data_command.run(parser.parse_args(["stats", str(refer_dir), str(jsonl)]))
+    assert lads_main(["data", "stats", str(refer_dir), str(jsonl)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["dataset", "split", "images", "objects", "expressions", "mean",
                               "words", "max", "words", "skipped", "missing", "images"]
@@ -84,16 +78,15 @@ def test_stats_table(refer_dir, tmp_path, capsys):
 
 
 def test_stats_checks_the_image_root(refer_dir, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    data_command.add_arguments(parser)
-    with pytest.raises(LadsError, match="--image-root .*nowhere: no such folder"):
-        data_command.run(parser.parse_args(["stats", str(refer_dir), "--image-root", str(tmp_path / "nowhere")]))
+    assert lads_main(["data", "stats", str(refer_dir), "--image-root", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.startswith(f"lads data stats: error: --image-root {tmp_path / 'nowhere'}: "
+                                              "no such folder")
     empty = tmp_path / "empty"
     empty.mkdir()
-    data_command.run(parser.parse_args(["stats", str(refer_dir), "--image-root", str(empty), "--split", "train"]))
+    assert lads_main(["data", "stats", str(refer_dir), "--image-root", str(empty), "--split", "train"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[1].split()[-1] == "1" and "1 image file(s) missing" in out
-    data_command.run(parser.parse_args(["stats", str(refer_dir), "--image-root", str(empty), "--split", "train",
-                                        "--no-image-check"]))
+    assert lads_main(["data", "stats", str(refer_dir), "--image-root", str(empty), "--split", "train",
+                      "--no-image-check"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[1].split()[-1] == "-" and "missing (first" not in out
