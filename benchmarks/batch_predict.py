@@ -30,7 +30,7 @@ import torch
 
 from lads.batch import predict_many
 from lads.datasets import load_records
-from lads.util.checkpoint import load_model
+from lads.models.pretrained import load_model
 
 
 def queries_of(records, limit: int) -> list[tuple[str, list[str]]]:

@@ -18,7 +18,8 @@ import signal
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,9 @@ def mix_seed(*parts: int) -> int:
     return h
 
 
+EPOCH_ORDER = 7  # salts the seed of an epoch's order apart from its samples' (seed, epoch, index)
+
+
 class SeededSamples(Dataset):
     """Items are ``(epoch, index)``; the augmentation of each is seeded by (seed, epoch, index)."""
 
@@ -63,7 +67,7 @@ class SeededSamples(Dataset):
         weighted draw (``Mixture.epoch_order``)."""
         records = getattr(self.dataset, "records", None)
         if hasattr(records, "epoch_order"):
-            return records.epoch_order(mix_seed(self.seed, 7), epoch)
+            return records.epoch_order(mix_seed(self.seed, EPOCH_ORDER), epoch)
         return epoch_permutation(len(self), self.seed, epoch)
 
     def __getitem__(self, item):
@@ -85,7 +89,7 @@ def soft_hard_draw(seed: int, step: int) -> float:
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
-    g = torch.Generator().manual_seed(mix_seed(seed, epoch, 7))
+    g = torch.Generator().manual_seed(mix_seed(seed, epoch, EPOCH_ORDER))
     return torch.randperm(n, generator=g).tolist()
 
 
@@ -209,14 +213,63 @@ class MetricLog:
             self.tb.close()
 
 
-def train(cfg: Config, resume: str | None = None, model=None) -> Path:
-    """Train ``cfg``; returns the checkpoint folder. ``resume``: a checkpoint or run folder;
-    ``model``: a model built from ``cfg.model`` to train in place (default: a new one)."""
+class TrainClock:
+    """Training seconds: wall time since the start, less the time validation took; a resumed
+    run starts from the seconds it had trained. Also the samples since the last log line."""
+
+    def __init__(self, trained_s: float = 0.0):
+        self.start, self.last_log, self.samples_since = time.time() - trained_s, time.time(), 0
+
+    def seconds(self) -> float:
+        return time.time() - self.start
+
+    @contextmanager
+    def paused(self):
+        began = time.time()
+        yield began - self.start
+        self.start += time.time() - began
+        self.last_log += time.time() - began
+
+
+@dataclass
+class Run:
+    """What ``train`` builds once (``prepare_run``): the model and its optimisation, the data,
+    the schedule in steps, the step reached, the clock and the log."""
+
+    cfg: Config
+    out: Path
+    device: torch.device
+    rank: int
+    world: int
+    accumulation: int  # micro-batches per rank and optimizer step
+    amp: str
+    model: torch.nn.Module
+    ddp: torch.nn.Module  # the model, wrapped in DistributedDataParallel with more than one process
+    tokenizer: object
+    dataset: SeededSamples
+    val: Dataset | None
+    steps_per_epoch: int
+    total_steps: int
+    eval_steps: int  # validate every this many steps (0: never)
+    optimizer: torch.optim.Optimizer
+    scaler: object
+    drop_step: int  # the first step whose learning rates are × 0.1
+    scheduler: object = None
+    step: int = 0
+    clock: TrainClock = field(default_factory=TrainClock)
+    log: MetricLog | None = None
+    bad_images: BadImages | None = None
+    bar: _Progress | None = None
+    last_validation: dict = field(default_factory=dict)  # for the checkpoint's model card
+
+
+def prepare_run(cfg: Config, resume: str | None = None, model=None) -> Run:
+    """Checks, the process group, the model (new, from ``model.init``, or given), the data, the
+    optimizer and schedule, and, with ``resume``, the state of the run at its checkpoint."""
     from lads.models import LADS
     from lads.models.text import load_tokenizer
 
     t = cfg.train
-    out = Path(t.out)
     device = dist.local_device()
     rank, world = dist.init_distributed(device)
     if t.threads:
@@ -228,7 +281,6 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
         )
     if t.max_steps is not None and t.max_steps < 1:
         raise LadsError(f"train.max_steps must be at least 1, got {t.max_steps}")
-    accumulation = t.batch_size // (world * t.micro_batch)
     amp = resolve_amp(t.amp, device)
     if t.amp == "auto" and dist.is_main():
         print(f"train.amp=auto: {amp} on {device.type} ({'native' if amp == 'bf16' else 'no native'} bf16)")
@@ -256,138 +308,182 @@ def train(cfg: Config, resume: str | None = None, model=None) -> Path:
     total_steps = t.epochs * steps_per_epoch
     if t.max_steps is not None:
         total_steps = min(t.max_steps, total_steps)
-    optimizer = build_optimizer(model, t)
-    scaler = grad_scaler(device, amp)
-    warmup, schedule = round(t.warmup_epochs * steps_per_epoch), {"drop": _drop_step(t, steps_per_epoch)}
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, schedule["drop"]))
     eval_steps = max(1, round(t.eval_every * steps_per_epoch)) if val is not None else 0
-    step, trained_s = 0, 0.0
+    run = Run(cfg=cfg, out=Path(t.out), device=device, rank=rank, world=world,
+              accumulation=t.batch_size // (world * t.micro_batch), amp=amp, model=model, ddp=model,
+              tokenizer=tokenizer, dataset=dataset, val=val, steps_per_epoch=steps_per_epoch,
+              total_steps=total_steps, eval_steps=eval_steps,
+              optimizer=build_optimizer(model, t), scaler=grad_scaler(device, amp),
+              drop_step=_drop_step(t, steps_per_epoch))
+    warmup = round(t.warmup_epochs * steps_per_epoch)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda s: lr_factor(s, warmup, run.drop_step))
+    trained_s = 0.0
     if resume:
-        step, trained_s, schedule["drop"] = _resume(resume, cfg, model, optimizer, scheduler, scaler, schedule["drop"])
-    ddp = model
+        run.step, trained_s, run.drop_step = _resume(resume, cfg, model, run.optimizer, run.scheduler, run.scaler,
+                                                     run.drop_step)
     if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model,
-                                                        device_ids=[device.index] if device.type == "cuda" else None)
+        run.ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         if resume:
-            _forget_steps_after(out / "log.jsonl", step)
-    log = MetricLog(out, dist.is_main())
-    bad_images = BadImages(cfg.data.max_bad_images)
-    bar = _Progress(total_steps, step, None if t.max_steps else t.max_minutes, trained_s, enabled=dist.is_main())
-    start, last_log, samples_since = time.time() - trained_s, time.time(), 0
-    status, last_validation = "finished", {}  # the latest validation, for the checkpoint's model card
+            _forget_steps_after(run.out / "log.jsonl", run.step)
+    run.log = MetricLog(run.out, dist.is_main())
+    run.bad_images = BadImages(cfg.data.max_bad_images)
+    run.bar = _Progress(total_steps, run.step, None if t.max_steps else t.max_minutes, trained_s,
+                        enabled=dist.is_main())
+    run.clock = TrainClock(trained_s)
+    return run
 
-    def validate():
-        """Prec@0.5 on the first eval split, logged; its time is not training time."""
-        nonlocal start, last_log
-        began, split = time.time(), cfg.data.eval_splits[0]
-        result = evaluate(model, val, 64, "dense" if model.gating is None else "masked", progress=False, amp=amp)
+
+def train(cfg: Config, resume: str | None = None, model=None) -> Path:
+    """Train ``cfg``; returns the checkpoint folder. ``resume``: a checkpoint or run folder;
+    ``model``: a model built from ``cfg.model`` to train in place (default: a new one)."""
+    run = prepare_run(cfg, resume, model)
+    t, status = cfg.train, "finished"
+    run.model.train()
+    try:
+        with StopFlag() as stop:
+            batches = micro_batches(run)
+            while run.step < run.total_steps:
+                terms, gate_rates = accumulate_gradients(run, batches)
+                if _max_over_ranks(float(run.bad_images.too_many()), run.device) > 0:  # every rank stops
+                    status = f"stopped: {run.bad_images.summary()}"
+                    save(run, "unreadable images")
+                    break
+                if not _all_finite(terms["loss"], run.device):
+                    status = f"stopped: non-finite loss at step {run.step}; the last good checkpoint is kept"
+                    break
+                optimizer_step(run)
+                log_step(run, terms, gate_rates)
+                out_of_time = t.max_minutes is not None and run.clock.seconds() > 60 * t.max_minutes
+                reason = _agree_to_stop(stop.signal, out_of_time, run.device)
+                if run.eval_steps and (run.step % run.eval_steps == 0 or run.step == run.total_steps
+                                       or reason == "time budget"):
+                    validate(run)
+                if reason:
+                    status = f"stopped by {reason} at step {run.step}"
+                    save(run, reason)
+                    break
+                if run.step % t.checkpoint_every == 0 and run.step < run.total_steps:
+                    save(run, "periodic")
+            else:
+                save(run, "finished")
+    finally:  # a failed checkpoint write ends the bar before its error is printed
+        run.bar.close()
+        run.log.close()
+    if dist.is_main():
+        print(f"training {status}; checkpoint: {run.out / 'checkpoint'}")
+    if status.startswith("stopped: "):
+        raise LadsError(f"training {status}")
+    return run.out / "checkpoint"
+
+
+def micro_batches(run: Run):
+    """This rank's micro-batches from ``run.step`` on, epoch after epoch; each optimizer step
+    takes ``run.accumulation`` of them."""
+    epoch, in_epoch = divmod(run.step, run.steps_per_epoch)
+    while True:
+        yield from _epoch_loader(run.dataset, run.cfg, epoch, in_epoch, run.steps_per_epoch, run.accumulation,
+                                 run.rank)
+        epoch, in_epoch = epoch + 1, 0
+
+
+def accumulate_gradients(run: Run, batches) -> tuple[dict, list]:
+    """Forward and backward of one optimizer step's micro-batches, with one Eq. 5 draw for all of
+    them; returns the loss terms averaged over them and the open-gate rates of each."""
+    t, model = run.cfg.train, run.model
+    terms_sum, gate_rates = {}, []
+    n_s = soft_hard_draw(t.seed, run.step)
+    for a in range(run.accumulation):
+        batch = to_device(next(batches), run.device)
+        run.bad_images.note(batch["meta"], run.step, run.log)
+        torch.manual_seed(mix_seed(t.seed, run.step, run.rank * run.accumulation + a))
+        sync = nullcontext() if (run.world == 1 or a == run.accumulation - 1) else run.ddp.no_sync()
+        with sync, autocast(run.device, run.amp):
+            outputs = run.ddp(batch["image"], batch["pixel_mask"], batch["input_ids"], batch["attention_mask"],
+                              n_s=n_s)
+            terms = model.loss(outputs, batch["box"])
+            run.scaler.scale(terms["loss"] / run.accumulation).backward()
+        for k, v in terms.items():
+            terms_sum[k] = terms_sum.get(k, 0.0) + v.item() / run.accumulation
+        if outputs["gates"] is not None:
+            gate_rates.append((outputs["gates"].layer.mean().item(), outputs["gates"].filter.mean().item()))
+    return terms_sum, gate_rates
+
+
+def optimizer_step(run: Run) -> None:
+    """Clip, step (skipped for fp16 when a gradient overflowed), the learning-rate schedule;
+    ``run.step`` moves on."""
+    t = run.cfg.train
+    run.scaler.unscale_(run.optimizer)
+    if t.clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), t.clip_grad)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    if _time_to_drop(t, run.clock.seconds(), run.device) and run.step + 1 < run.drop_step:
+        run.drop_step = run.step + 1  # the learning rates of the next step on are × 0.1
+    with warnings.catch_warnings():  # the schedule counts steps, skipped (fp16) or not
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+        run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+
+
+def log_step(run: Run, terms: dict, gate_rates: list) -> None:
+    """The progress bar, and every ``train.log_every`` steps a line of the log: the loss terms,
+    the learning rate, samples per second and the open-gate rates."""
+    t, clock = run.cfg.train, run.clock
+    clock.samples_since += t.batch_size
+    run.bar.update(run.step, clock.seconds())
+    if dist.is_main() and (run.step % t.log_every == 0 or run.step == run.total_steps):
+        now = time.time()
+        record = {"step": run.step, "epoch": round(run.step / run.steps_per_epoch, 3), **terms,
+                  "lr": run.optimizer.param_groups[0]["lr"],
+                  "samples_per_s": clock.samples_since / (now - clock.last_log), "train_s": round(now - clock.start, 1)}
+        if gate_rates:
+            record["open_layers"] = float(np.mean([r[0] for r in gate_rates]))
+            record["open_filters"] = float(np.mean([r[1] for r in gate_rates]))
+        run.log.write(record)
+        run.bar.postfix(step=run.step, loss=f"{terms['loss']:.3f}")
+        clock.last_log, clock.samples_since = now, 0
+
+
+def validate(run: Run) -> None:
+    """Prec@0.5 on the first eval split, logged; its time is not training time."""
+    split, model = run.cfg.data.eval_splits[0], run.model
+    with run.clock.paused() as trained_s:
+        result = evaluate(model, run.val, 64, "dense" if model.gating is None else "masked", progress=False,
+                          amp=run.amp)
         model.train()
-        record = {"step": step, "epoch": round(step / steps_per_epoch, 3), "train_s": round(began - start, 1),
+        record = {"step": run.step, "epoch": round(run.step / run.steps_per_epoch, 3), "train_s": round(trained_s, 1),
                   f"{split}/prec@0.5": result["prec@0.5"], f"{split}/expressions": result["expressions"]}
         for head, prec in result.get("prec@0.5_by_head", {}).items():
             record[f"{split}/prec@0.5_{head}"] = prec
         for kind, prec in result.get("prec@0.5_by_type", {}).items():
             record[f"{split}/prec@0.5_{kind}"] = prec
-        log.write(record)
-        last_validation.update(step=step, split=split, **{"prec@0.5": result["prec@0.5"]})
-        start += time.time() - began
-        last_log += time.time() - began
+        run.log.write(record)
+        run.last_validation.update(step=run.step, split=split, **{"prec@0.5": result["prec@0.5"]})
 
-    def checkpoint(reason: str):
-        if dist.is_main():
-            save_checkpoint(
-                out / "checkpoint", model, to_dict(cfg),
-                {"step": step, "epoch": step / steps_per_epoch, "total_steps": total_steps,
-                 "reason": reason, "lads_version": __version__, "torch_version": torch.__version__,
-                 "world_size": world, "amp": amp, "train_s": round(time.time() - start, 1),
-                 "validation": dict(last_validation) or None},
-                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                 "rng": torch.get_rng_state(), "train_s": time.time() - start, "lr_drop_step": schedule["drop"],
-                 "scaler": scaler.state_dict()},
-                tokenizer=tokenizer,
-            )
-        dist.barrier()
 
-    model.train()
-    try:
-        with StopFlag() as stop:
-            loader_epoch, batches = None, None
-            while step < total_steps:
-                epoch, in_epoch = divmod(step, steps_per_epoch)
-                if loader_epoch != epoch:
-                    batches = iter(_epoch_loader(dataset, cfg, epoch, in_epoch, steps_per_epoch, accumulation, rank))
-                    loader_epoch = epoch
-                terms_sum, gate_rates = {}, []
-                n_s = soft_hard_draw(t.seed, step)
-                for a in range(accumulation):
-                    batch = to_device(next(batches), device)
-                    bad_images.note(batch["meta"], step, log)
-                    torch.manual_seed(mix_seed(t.seed, step, rank * accumulation + a))
-                    sync = nullcontext() if (world == 1 or a == accumulation - 1) else ddp.no_sync()
-                    with sync, autocast(device, amp):
-                        outputs = ddp(batch["image"], batch["pixel_mask"], batch["input_ids"], batch["attention_mask"],
-                                      n_s=n_s)
-                        terms = model.loss(outputs, batch["box"])
-                        scaler.scale(terms["loss"] / accumulation).backward()
-                    for k, v in terms.items():
-                        terms_sum[k] = terms_sum.get(k, 0.0) + v.item() / accumulation
-                    if outputs["gates"] is not None:
-                        gate_rates.append((outputs["gates"].layer.mean().item(), outputs["gates"].filter.mean().item()))
-                if _max_over_ranks(float(bad_images.too_many()), device) > 0:  # every rank stops
-                    status = f"stopped: {bad_images.summary()}"
-                    checkpoint("unreadable images")
-                    break
-                if not _all_finite(terms_sum["loss"], device):
-                    status = f"stopped: non-finite loss at step {step}; the last good checkpoint is kept"
-                    break
-                scaler.unscale_(optimizer)
-                if t.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
-                scaler.step(optimizer)  # skipped, for fp16, when a gradient overflowed
-                scaler.update()
-                if _time_to_drop(t, time.time() - start, device) and step + 1 < schedule["drop"]:
-                    schedule["drop"] = step + 1  # the learning rates of the next step on are × 0.1
-                with warnings.catch_warnings():  # the schedule counts steps, skipped (fp16) or not
-                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                samples_since += t.batch_size
-                bar.update(step, time.time() - start)
-                if dist.is_main() and (step % t.log_every == 0 or step == total_steps):
-                    now = time.time()
-                    record = {"step": step, "epoch": round(step / steps_per_epoch, 3), **terms_sum,
-                              "lr": optimizer.param_groups[0]["lr"], "samples_per_s": samples_since / (now - last_log),
-                              "train_s": round(now - start, 1)}
-                    if gate_rates:
-                        record["open_layers"] = float(np.mean([r[0] for r in gate_rates]))
-                        record["open_filters"] = float(np.mean([r[1] for r in gate_rates]))
-                    log.write(record)
-                    bar.postfix(step=step, loss=f"{terms_sum['loss']:.3f}")
-                    last_log, samples_since = now, 0
-                out_of_time = t.max_minutes is not None and time.time() - start > 60 * t.max_minutes
-                reason = _agree_to_stop(stop.signal, out_of_time, device)
-                if eval_steps and (step % eval_steps == 0 or step == total_steps or reason == "time budget"):
-                    validate()
-                if reason:
-                    status = f"stopped by {reason} at step {step}"
-                    checkpoint(reason)
-                    break
-                if step % t.checkpoint_every == 0 and step < total_steps:
-                    checkpoint("periodic")
-            else:
-                checkpoint("finished")
-    finally:  # a failed checkpoint write ends the bar before its error is printed
-        bar.close()
-        log.close()
+def save(run: Run, reason: str) -> None:
+    """The run's checkpoint (rank 0 writes it; every rank waits): weights, config, metadata,
+    the optimizer, schedule, scaler and RNG state, the tokenizer."""
     if dist.is_main():
-        print(f"training {status}; checkpoint: {out / 'checkpoint'}")
-    if status.startswith("stopped: "):
-        raise LadsError(f"training {status}")
-    return out / "checkpoint"
+        seconds = run.clock.seconds()
+        save_checkpoint(
+            run.out / "checkpoint", run.model, to_dict(run.cfg),
+            {"step": run.step, "epoch": run.step / run.steps_per_epoch, "total_steps": run.total_steps,
+             "reason": reason, "lads_version": __version__, "torch_version": torch.__version__,
+             "world_size": run.world, "amp": run.amp, "train_s": round(seconds, 1),
+             "validation": dict(run.last_validation) or None},
+            {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "step": run.step,
+             "rng": torch.get_rng_state(), "train_s": seconds, "lr_drop_step": run.drop_step,
+             "scaler": run.scaler.state_dict()},
+            tokenizer=run.tokenizer,
+        )
+    dist.barrier()
 
 
 def step_seconds(cfg: Config, steps: int = 5, warmup: int = 2) -> float:

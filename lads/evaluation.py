@@ -17,10 +17,10 @@ def evaluate_checkpoints(checkpoints, data=None, splits=None, mode="subnet", bat
     import torch
 
     from lads.engine import evaluate, load_split
+    from lads.models.pretrained import load_model
     from lads.models.text import load_tokenizer
     from lads.util import dist
     from lads.util.amp import DTYPES
-    from lads.util.checkpoint import load_model
 
     device = dist.local_device()
     dist.init_distributed(device)

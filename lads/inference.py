@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from lads.errors import LadsError, warn
+from lads.models.checks import check_inputs
 from lads.models.gating import Gates
-from lads.models.lads import check_inputs
 from lads.models.subnet import BackbonePlan, Subnet, extract_subnet, shared_backbones, subnet_tensors, weights_version
 from lads.util.amp import amp_dtype, autocast, check_amp
 

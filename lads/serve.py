@@ -299,7 +299,7 @@ def load_service(checkpoint, overrides: list[str]) -> Service:
     """The model of ``checkpoint`` with its settings (the checkpoint's config, ``serve.*``
     overrides on top) and up to 8 example images from its dataset's test split, if present."""
     from lads.config import apply_overrides, config_from_dict, to_dict
-    from lads.util.checkpoint import load_model
+    from lads.models.pretrained import load_model
 
     for item in overrides:
         if not item.startswith("serve."):

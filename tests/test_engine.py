@@ -110,8 +110,8 @@ def test_training_loss_falls_and_precision_rises(trained, tiny_text_dir, synth_d
     """The loss falls markedly and Prec@0.5 on the training images rises far above chance."""
     from lads.engine import evaluate, load_split
     from lads.models import LADS
+    from lads.models.pretrained import load_model
     from lads.models.text import load_tokenizer
-    from lads.util.checkpoint import load_model
 
     checkpoint, cfg = trained
     log = [json.loads(line) for line in (checkpoint.parent / "log.jsonl").read_text().splitlines()]
@@ -135,7 +135,8 @@ def test_checkpoint_round_trip_and_damage(trained, tmp_path, synth_data):
 
     from lads.datasets import load_records
     from lads.models import LADS
-    from lads.util.checkpoint import load_model, load_training_state, load_weights, read_meta, resolve_checkpoint
+    from lads.models.pretrained import load_model
+    from lads.util.checkpoint import load_training_state, load_weights, read_meta, resolve_checkpoint
 
     checkpoint, cfg = trained
     records, _ = load_records(synth_data, "test")

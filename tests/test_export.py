@@ -43,7 +43,7 @@ def checkpoint(tmp_path_factory, tiny_text_dir):
 
 @pytest.fixture(scope="module")
 def model(checkpoint):
-    from lads.util.checkpoint import load_model
+    from lads.models.pretrained import load_model
 
     return load_model(checkpoint)[0]
 

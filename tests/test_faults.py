@@ -164,7 +164,8 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, tiny_text_dir, synth_
     intact and loads, and nothing partial is left."""
     from helpers import engine_overrides
 
-    from lads.util.checkpoint import load_model, read_meta
+    from lads.models.pretrained import load_model
+    from lads.util.checkpoint import read_meta
 
     out = tmp_path / "run"
     sets = engine_overrides(tiny_text_dir, synth_data, out) + [

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from lads.config import load_config
 from lads.errors import LadsError
-from lads.models.lads import TokenHead
+from lads.models.heads import TokenHead
 from lads.models.losses import gate_mutual_information, giou_loss, l1_loss
 
 AUX = ("model.loss.token=1", "model.loss.token_box=1", "model.loss.deep=1", "model.head=token")

@@ -23,7 +23,7 @@ def run(args):
     check_out_dir(Path(args.out), args.force)
     from lads.datasets import load_records
     from lads.errors import LadsError
-    from lads.util.checkpoint import load_model
+    from lads.models.pretrained import load_model
 
     model, cfg = load_model(args.checkpoint)
     records, _ = load_records(args.data, args.split, image_root=cfg.data.image_root, split_by=cfg.data.split_by)

@@ -69,7 +69,7 @@ def build(args):
     if args.random_text or not args.expr:  # random gates: the text weights do not change the timing
         overrides.append("model.text.pretrained=false")
     if args.checkpoint:
-        from lads.util.checkpoint import load_model
+        from lads.models.pretrained import load_model
 
         model = load_model(args.checkpoint)[0]
     else:

@@ -37,7 +37,7 @@ def add_arguments(parser):
 
 def run(args):
     from lads import export
-    from lads.util.checkpoint import load_model
+    from lads.models.pretrained import load_model
 
     if args.bank:
         return run_bank(args)
@@ -73,7 +73,7 @@ def check(model, module, path: Path, format: str, expression: str | None):
 def run_bank(args):
     from lads.datasets import load_records
     from lads.export import TOLERANCE, export_bank
-    from lads.util.checkpoint import load_model
+    from lads.models.pretrained import load_model
 
     if args.format != "onnx":
         raise LadsError("--bank writes ONNX files (--format onnx)")

@@ -38,7 +38,7 @@ def add_arguments(parser):
 
 
 def run(args):
-    from lads.util.checkpoint import load_model
+    from lads.models.pretrained import load_model
 
     if args.input is None and not args.expr:
         raise LadsError("--image needs at least one --expr")

@@ -51,7 +51,7 @@ def _sorted_splits(splits) -> list[str]:
     return sorted(splits, key=lambda s: (rank.get(s, len(rank)), s))
 
 
-def _detect(path: Path, split_by):
+def detect_reader(path: Path, split_by):
     """``(reader, folder or file, extra keyword arguments)`` for the dataset at ``path``."""
     if not path.exists():
         raise LadsError(f"{path}: no such file or directory")
@@ -82,7 +82,7 @@ def read_dataset(path, splits=None, *, image_root=None, split_by=None, strict=Fa
     """Every record of ``splits`` (None: all) at ``path``; see ``load_records``. ``sink``
     receives the records instead of a list (e.g. a ``TableBuilder``)."""
     path = Path(path)
-    reader, where, kwargs = _detect(path, split_by)
+    reader, where, kwargs = detect_reader(path, split_by)
     collector = Collector(None if splits is None else set(splits), strict, sink)
     found = reader(where, collector, image_root=image_root, **kwargs)
     missing = [s for s in (splits or []) if s not in found]

@@ -87,9 +87,9 @@ class CheckReport:
 def dataset_key(path, split_by=None) -> str | None:
     """The ``PUBLISHED`` key of the dataset at ``path``: ``<REFER folder>/<splitBy>``,
     ``transvg/<ds>``, ``flickr30k_entities``; None for data without published counts."""
-    from lads.datasets import _detect, flickr30k, refer, transvg
+    from lads.datasets import detect_reader, flickr30k, refer, transvg
 
-    reader, where, kwargs = _detect(Path(path), split_by)
+    reader, where, kwargs = detect_reader(Path(path), split_by)
     if reader is refer.read:
         name = where.name.lower()
         return f"{name}/{kwargs['split_by'] or refer.split_bys(where)[0]}"
@@ -103,9 +103,9 @@ def dataset_key(path, split_by=None) -> str | None:
 def raw_counts(path, split_by, records) -> dict[str, dict]:
     """``{split: {expressions, objects, images}}`` from the annotation files as they are (REFER,
     TransVG, Flickr30k Entities' image lists); otherwise from ``records``, those the reader kept."""
-    from lads.datasets import _detect, flickr30k, refer, transvg
+    from lads.datasets import detect_reader, flickr30k, refer, transvg
 
-    reader, where, kwargs = _detect(Path(path), split_by)
+    reader, where, kwargs = detect_reader(Path(path), split_by)
     sets = defaultdict(lambda: {"expressions": 0, "objects": set(), "images": set()})
     if reader is refer.read:
         _, refs = refer.read_refs(where, kwargs["split_by"])

@@ -114,11 +114,11 @@ def default_exclude(sources) -> list:
     """The evaluation sets of a mixture whose ``exclude`` is unset: its REFER and TransVG
     sources (a TransVG split file stands for its folder)."""
     from lads.config import EvalSet
-    from lads.datasets import _detect, refer, transvg
+    from lads.datasets import detect_reader, refer, transvg
 
     sets = []
     for s in sources:
-        reader, where, kwargs = _detect(Path(s.path), s.split_by)
+        reader, where, kwargs = detect_reader(Path(s.path), s.split_by)
         if reader is refer.read:
             sets.append(EvalSet(str(where), kwargs["split_by"]))
         elif reader is transvg.read:

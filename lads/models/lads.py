@@ -10,74 +10,13 @@ from torch import nn
 from lads.config import Config, ModelConfig, load_config
 from lads.errors import LadsError
 from lads.models.backbone import VisualBackbone, downsample_mask, load_visual_weights
+from lads.models.checks import check_gates, check_heads, check_inputs
 from lads.models.fusion import ModalityInteraction
 from lads.models.gating import GateLayout, Gates, GatingNetwork, binary_gates, straight_through
+from lads.models.heads import BoxHead, TokenHead, read_boxes
 from lads.models.losses import expected_flops, lads_loss
 from lads.models.text import TextBackbone
-from lads.util.amp import full_precision
 from lads.util.flops import gate_costs
-
-
-class BoxHead(nn.Module):
-    """Fused ``[CLS]`` -> 3-layer MLP (ReLU) -> sigmoid -> normalised (cx, cy, w, h)."""
-
-    def __init__(self, d_model: int, num_layers: int = 3, out: int = 4):
-        super().__init__()
-        dims = [d_model] * num_layers + [out]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-
-    def mlp(self, x):
-        with full_precision(x):
-            x = x.float()
-            for i, layer in enumerate(self.layers):
-                x = layer(x)
-                if i < len(self.layers) - 1:
-                    x = torch.relu(x)
-        return x
-
-    def forward(self, x):
-        return self.mlp(x).sigmoid()
-
-
-class TokenHead(nn.Module):
-    """Beyond the paper (docs/design.md §5a): a score per fused visual
-    token and, with ``box``, at every token a box read relative to its cell, as CenterNet reads
-    boxes: ``cx = (col + σ(t_x)) / w``, ``cy = (row + σ(t_y)) / h``, ``(w, h) = σ(t_w, t_h)``.
-
-    ``forward(tokens (B, h·w, d), visual_mask (B, h, w))`` -> scores (B, h·w), padding at
-    ``-inf``, and boxes (B, h·w, 4) as normalised (cx, cy, w, h), or None without ``box``.
-    """
-
-    def __init__(self, d_model: int, box: bool = True):
-        super().__init__()
-        self.score = nn.Linear(d_model, 1)
-        self.box = BoxHead(d_model, num_layers=2) if box else None
-
-    def forward(self, tokens, visual_mask):
-        h, w = visual_mask.shape[-2:]
-        with full_precision(tokens):
-            scores = self.score(tokens.float()).squeeze(-1).masked_fill(visual_mask.flatten(1), float("-inf"))
-            if self.box is None:
-                return scores, None
-            t = self.box(tokens)
-            rows = torch.arange(h, device=t.device, dtype=t.dtype).repeat_interleave(w)
-            cols = torch.arange(w, device=t.device, dtype=t.dtype).repeat(h)
-            boxes = torch.stack(((cols + t[..., 0]) / w, (rows + t[..., 1]) / h, t[..., 2], t[..., 3]), -1)
-        return scores, boxes
-
-
-def read_boxes(fused, text_len: int, visual_mask, head: BoxHead, token_head: TokenHead | None, use: str) -> dict:
-    """The heads on a fused sequence (B, L + h·w, d): ``boxes`` of the head ``use`` ("cls" or
-    "token"), ``heads`` (the boxes of each head that has a box), ``token_scores`` and
-    ``token_boxes`` (None without a token head)."""
-    out = {"heads": {"cls": head(fused[:, 0])}, "token_scores": None, "token_boxes": None}
-    if token_head is not None:
-        out["token_scores"], out["token_boxes"] = token_head(fused[:, text_len:], visual_mask)
-    if out["token_boxes"] is not None:
-        best = out["token_scores"].argmax(1)
-        out["heads"]["token"] = out["token_boxes"][torch.arange(best.shape[0], device=best.device), best]
-    out["boxes"] = out["heads"][use]
-    return out
 
 
 class LADS(nn.Module):
@@ -224,7 +163,7 @@ class LADS(nn.Module):
             revision: a Hub branch, tag or commit.
             cache_dir: the Hub cache (default: ``HF_HUB_CACHE``).
         """
-        from lads.util.checkpoint import load_model
+        from lads.models.pretrained import load_model
         from lads.util.hub import resolve_pretrained
 
         return load_model(resolve_pretrained(name_or_path, revision, cache_dir), device)[0]
@@ -232,13 +171,13 @@ class LADS(nn.Module):
     def save_pretrained(self, folder) -> Path:
         """Write this model as a checkpoint folder to share (weights, config, meta, tokenizer,
         model card; no optimizer state); :meth:`from_pretrained` reads it."""
-        from lads.util.checkpoint import save_pretrained
+        from lads.models.pretrained import save_pretrained
 
         return save_pretrained(self, folder)
 
     def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
         """Upload :meth:`save_pretrained`'s folder to the Hugging Face Hub as ``repo_id``."""
-        from lads.util.hub import push_to_hub
+        from lads.models.pretrained import push_to_hub
 
         return push_to_hub(self, repo_id, private, token)
 
@@ -284,57 +223,6 @@ class LADS(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         return {name: sum(p.numel() for p in m.parameters()) for name, m in self.named_children()}
-
-
-def check_inputs(images, pixel_mask, input_ids, attention_mask, image_index=None):
-    """Shape and dtype checks with messages that say what was expected. ``image_index``: where
-    row i of the text reads image ``image_index[i]`` (default: image i)."""
-    if not (torch.is_tensor(images) and images.dim() == 4 and images.shape[1] == 3 and images.is_floating_point()):
-        raise LadsError(f"images: expected a float tensor (B, 3, H, W), got {_describe(images)}")
-    n, _, h, w = images.shape
-    if not (torch.is_tensor(pixel_mask) and pixel_mask.dtype == torch.bool and tuple(pixel_mask.shape) == (n, h, w)):
-        raise LadsError(f"pixel_mask: expected a bool tensor ({n}, {h}, {w}), True = padding, "
-                        f"got {_describe(pixel_mask)}")
-    b = n
-    if image_index is not None:
-        if not (torch.is_tensor(image_index) and image_index.dim() == 1 and image_index.dtype == torch.long):
-            raise LadsError(f"image_index: expected a long tensor (B,), got {_describe(image_index)}")
-        b = len(image_index)
-        if b and not (0 <= int(image_index.min()) and int(image_index.max()) < n):
-            raise LadsError(f"image_index: values must index the {n} images (0 to {n - 1})")
-    if not (torch.is_tensor(input_ids) and input_ids.dim() == 2 and input_ids.shape[0] == b
-            and input_ids.dtype == torch.long):
-        raise LadsError(f"input_ids: expected a long tensor ({b}, L), got {_describe(input_ids)}")
-    if not (torch.is_tensor(attention_mask) and tuple(attention_mask.shape) == tuple(input_ids.shape)):
-        raise LadsError(f"attention_mask: expected a tensor {tuple(input_ids.shape)}, got {_describe(attention_mask)}")
-
-
-def check_heads(config: ModelConfig):
-    """The inference head exists and the token head's box is trained when it is the one used."""
-    w = config.loss
-    if config.head not in ("cls", "token"):
-        raise LadsError(f"model.head must be 'cls' (the paper) or 'token', got {config.head!r}")
-    if config.head == "token" and not (w.token > 0 and w.token_box > 0):
-        raise LadsError("model.head=token needs model.loss.token > 0 and model.loss.token_box > 0 (its training terms)")
-    for name in ("giou", "mi", "token", "token_box", "deep", "flops", "flops_target"):
-        if getattr(w, name) < 0:
-            raise LadsError(f"model.loss.{name} must be >= 0, got {getattr(w, name)}")
-
-
-def check_gates(gates: Gates, layout: GateLayout, batch: int):
-    expected = {"layer": (batch, layout.num_layer_gates), "filter": (batch, layout.num_filter_gates)}
-    for kind, shape in expected.items():
-        g = getattr(gates, kind)
-        if not torch.is_tensor(g) or tuple(g.shape) != shape:
-            raise LadsError(f"gates.{kind}: expected shape {shape}, got {_describe(g)}")
-        if not bool(((g == 0) | (g == 1)).all()):
-            raise LadsError(f"gates.{kind}: hard gates must be 0 or 1")
-
-
-def _describe(x) -> str:
-    if torch.is_tensor(x):
-        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
-    return type(x).__name__
 
 
 def build_model(config: str | Config | ModelConfig = "tiny", overrides: list[str] | None = None) -> LADS:

@@ -31,9 +31,10 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lads.errors import LadsError
 from lads.models.backbone import downsample_mask, fold_norm, norm_scale_shift
+from lads.models.checks import check_gates
 from lads.models.fusion import FUSION_SUBLAYERS, attn_block, ffn_block, input_sequence
 from lads.models.gating import Gates
-from lads.models.lads import check_gates, read_boxes
+from lads.models.heads import read_boxes
 from lads.util.flops import attention_flops, conv_flops, head_flops, linear_flops, pool_size
 
 # ----------------------------------------------------------------------------- building blocks

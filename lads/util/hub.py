@@ -1,11 +1,10 @@
 """Checkpoints on the Hugging Face Hub (docs/design.md §3b): a model id (``org/name``, with a
 revision) resolves to a folder in the local Hub cache through ``huggingface_hub``, which honours
-``HF_HUB_OFFLINE`` and ``HF_HUB_CACHE``; ``push_to_hub`` uploads what ``save_pretrained`` writes."""
+``HF_HUB_OFFLINE`` and ``HF_HUB_CACHE``; ``upload_folder`` uploads what ``save_pretrained`` writes."""
 
 from __future__ import annotations
 
 import re
-import tempfile
 from pathlib import Path
 
 from lads.errors import LadsError
@@ -32,21 +31,14 @@ def resolve_pretrained(name_or_path, revision: str | None = None, cache_dir=None
                         f"{' at revision ' + revision if revision else ''}{offline}: {reason}") from None
 
 
-def push_to_hub(model, repo_id: str, private: bool = False, token: str | None = None,
-                message: str = "Upload a LADS checkpoint") -> str:
-    """Write ``model`` as ``save_pretrained`` does and upload it to ``repo_id`` (created if
-    needed); returns the URL of the commit."""
+def upload_folder(folder, repo_id: str, private: bool = False, token: str | None = None,
+                  message: str = "Upload a LADS checkpoint") -> str:
+    """Upload a checkpoint folder to ``repo_id`` (created if needed); returns the URL of the commit."""
     from huggingface_hub import HfApi
 
-    from lads.util.checkpoint import save_pretrained
-
-    if not HUB_ID.match(repo_id):
-        raise LadsError(f"repo_id {repo_id!r}: expected 'org/name'")
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = save_pretrained(model, Path(tmp) / "model", name=repo_id)
-        api = HfApi(token=token)
-        try:
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            return str(api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=message))
-        except Exception as e:
-            raise LadsError(f"push_to_hub {repo_id}: {str(e).strip().splitlines()[0]}") from None
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return str(api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=message))
+    except Exception as e:
+        raise LadsError(f"push_to_hub {repo_id}: {str(e).strip().splitlines()[0]}") from None
