@@ -203,12 +203,35 @@ def predict_many(model, queries, batch_size: int = 64, num_workers: int | None =
                  amp: str = "none", after: dict | None = None) -> Iterator[dict]:
     """Answers for ``queries`` (``as_queries``' forms), in input order (the module's docstring).
 
-    ``batch_size``: expressions grounded together; ``num_workers``: image-reading processes
-    (default: the cores that torch's threads leave free for a model on the CPU, else
-    ``lads.util.dist.loader_workers``; a one-pass stream is read in this process);
-    ``mode`` and ``amp`` as ``SubnetRunner``'s; ``after``: the last answer already written
-    (``{"line", "index", "image"}``, no ``index`` for an error): everything up to it is
-    skipped, and a different image at its line is an error (the answers were for other input).
+    A generator: nothing runs, and no error is raised, until it is iterated. The model is put in
+    eval mode and keeps its ``SubnetRunner`` (``lads.inference.model_runner``).
+
+    Args:
+        model: a :class:`~lads.models.lads.LADS`, on the device it should run on.
+        queries: ``(image, expressions)`` pairs or ``{"image": …, "expressions": [...]}`` dicts
+            (an image: a path or a PIL image; an expression alone stands for a list of one), as
+            a list or any iterable, or a :class:`JsonlQueries`, :class:`FolderQueries` or
+            :class:`ListQueries`.
+        batch_size: expressions grounded together, across images (default 64).
+        num_workers: image-reading processes (default None: the cores that torch's threads
+            leave free for a model on the CPU, else ``lads.util.dist.loader_workers``; a
+            one-pass stream is read in this process).
+        mode: "subnet" (default), "masked" or "dense", as ``SubnetRunner``'s.
+        amp: "none" (float32, the default), "bf16" or "fp16", as ``SubnetRunner``'s.
+        after: the last answer already written (``{"line", "index", "image"}``, ``index``
+            None for an error; default None): everything up to it is skipped, and a different
+            image at its line is an error (the answers were for other input).
+
+    Returns:
+        An iterator of dicts in input order, one per expression: ``line`` (the query's place,
+        from 0), ``index`` (the expression's place in it), ``image`` (its path, None for a PIL
+        image) and ``lads.inference.describe``'s fields: ``expression``, ``box`` [x1, y1, x2,
+        y2] in the original image's pixels, the subnet's size and ``flops``, ``cache_hit``;
+        and one ``{"line", "image", "error"}`` for a query that cannot be used.
+
+    Raises:
+        LadsError: for ``batch_size`` below 1, an unknown ``mode`` or ``amp``, or an ``after``
+            whose image differs from the input's at its line.
     """
     from lads.inference import describe, model_runner, tokenize
 

@@ -26,7 +26,18 @@ PIP = "pip install onnxruntime tokenizers"
 
 class Deployment:
     """A bank folder, ready to answer. ``threads``: onnxruntime's intra-op threads (default:
-    its own choice, the machine's cores)."""
+    its own choice, the machine's cores).
+
+    Args:
+        folder: a bank folder written by ``lads export --bank`` (``lads.export.export_bank``):
+            ``bank.json``, ``gating.onnx``, the subnet files, ``dense.onnx`` and ``text/``.
+        threads: intra-op threads of each onnxruntime session (default None: onnxruntime's
+            choice).
+
+    Raises:
+        LadsError: without onnxruntime or tokenizers, for a folder without a readable
+            ``bank.json``, or a bank of another format.
+    """
 
     def __init__(self, folder, threads: int | None = None):
         try:
@@ -104,7 +115,22 @@ class Deployment:
     def predict(self, image, expressions: list[str] | str) -> list[dict]:
         """Boxes ``[x1, y1, x2, y2]`` in the image's pixels, one dict per expression, with the
         file that ran it (``subnet``) and how it was chosen (``served``). ``image``: a path (EXIF
-        orientation honoured) or a PIL image, read as ``model.predict`` reads it."""
+        orientation honoured) or a PIL image, read as ``model.predict`` reads it.
+
+        Args:
+            image: a path or a PIL image.
+            expressions: one expression or a list of them, each grounded on ``image``.
+
+        Returns:
+            One dict per expression, in order: ``expression``; ``box``, [x1, y1, x2, y2] in the
+            original image's pixels (rounded to 0.01); ``subnet``, the file that ran it;
+            ``served``: "own" (the subnet of its own gate pattern), "superset" (the smallest
+            banked subnet whose open gates include its own) or "dense".
+
+        Raises:
+            LadsError: for no expression or an empty one, an image that cannot be read, or a
+                file that ``bank.json`` names and the folder lacks.
+        """
         expressions = [expressions] if isinstance(expressions, str) else list(expressions)
         if not expressions:
             raise LadsError("give at least one expression")

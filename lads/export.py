@@ -200,7 +200,27 @@ def export_subnet(model, path, *, expression: str | None = None, gates: Gates | 
     """Write the subnet of ``gates`` ((1, ·) hard gates) or, without them, of the gates
     ``expression`` chooses, to ``path`` as ``format`` ("onnx" or "torchscript"), and its gate
     pattern file beside it (``NAME.gates.json``, with ``expression`` as its note). Returns the
-    PyTorch module that was exported. ``model`` on the CPU."""
+    PyTorch module that was exported. ``model`` on the CPU.
+
+    Args:
+        model: a :class:`~lads.models.lads.LADS` in eval mode on the CPU.
+        path: the file to write (its folder is made); ``NAME.onnx`` or ``NAME.pt`` by convention.
+        expression: the expression whose gates (the gating network's choice) make the subnet
+            when ``gates`` is not given; also the gate pattern file's note and the text the
+            export is traced with (keyword only; default None).
+        gates: a gate pattern to export instead, hard ``Gates`` (0/1) of shape (1, ·), e.g.
+            from ``read_gate_pattern`` (keyword only; default None: ``expression``'s).
+        format: "onnx" (default; needs the onnx package) or "torchscript".
+
+    Returns:
+        The :class:`ExportedSubnet` that was written: ``(images, pixel_mask, input_ids,
+        attention_mask)`` -> a tuple in the order of its ``output_names``, ``boxes`` (B, 4)
+        normalised (cx, cy, w, h) of the padded square first (the module's docstring).
+
+    Raises:
+        LadsError: for an unknown ``format``, neither ``expression`` nor ``gates``, a model in
+            training mode or off the CPU, gates of the wrong shape, no onnx package for ONNX.
+    """
     if format not in FORMATS:
         raise LadsError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if expression is None and gates is None:
@@ -301,7 +321,33 @@ def export_bank(model, expressions: list[str], folder, coverage: float = 0.95, s
     the gating network, the subnets of the most frequent patterns up to ``coverage`` of the
     expressions, the dense network, the tokenizer and ``bank.json`` (returned). With ``check``,
     each file runs under onnxruntime beside PyTorch (``max_abs_diff``: the largest box
-    difference). ``source``: a note for the index (data and split). ``model`` on the CPU."""
+    difference). ``source``: a note for the index (data and split). ``model`` on the CPU.
+
+    Args:
+        model: a :class:`~lads.models.lads.LADS` in eval mode on the CPU.
+        expressions: the expressions of a split; their gate patterns, most frequent first,
+            choose the subnets.
+        folder: the bank folder to write; replaced whole (written beside it, then moved) if it
+            holds a bank already.
+        coverage: the share of ``expressions`` whose own pattern the bank must hold, in (0, 1]
+            (default 0.95).
+        source: a note for the index's ``split`` entry, e.g. ``{"data": …, "split": …}``
+            (default None).
+        check: run each file under onnxruntime beside PyTorch (default True; needs
+            onnxruntime).
+
+    Returns:
+        The bank's index, as written to ``bank.json``: ``format``, ``image_size``,
+        ``max_tokens``, ``head``, the gate counts, ``gating``, ``tokenizer``, ``subnets`` (per
+        file: ``file``, ``pattern``, ``expressions``, ``share``, ``flops``), ``dense``, ``split``
+        (the coverage reached), ``flops_at_tokens`` and, with ``check``, ``max_abs_diff``.
+
+    Raises:
+        LadsError: for ``coverage`` outside (0, 1], no expressions, a model in training mode or
+            off the CPU, ``check`` without onnxruntime, a ``folder`` that exists and is not a
+            bank, a tokenizer without ``tokenizer.json``, or, with ``check``, a gating file
+            whose gates differ from PyTorch's under onnxruntime.
+    """
     if not 0 < coverage <= 1:
         raise LadsError(f"coverage must be above 0 and at most 1, got {coverage}")
     if not expressions:

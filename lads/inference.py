@@ -145,20 +145,20 @@ class SubnetRunner:
     never served.
 
     ``runner(images, pixel_mask, input_ids, attention_mask, mode="subnet", image_index=None)``
-    with ``images`` (N, 3, H, W) float, ``pixel_mask`` (N, H, W) bool (True = padding),
-    ``input_ids`` (B, L) long, ``attention_mask`` (B, L); row i is expression i on image
-    ``image_index[i]`` ((B,) long; default: image i, N = B). In ``subnet`` mode each image
-    runs each bottleneck once per sequence of bottlenecks before it (``shared_backbones``).
-    Returns a dict:
+    grounds a batch (:meth:`__call__`).
 
-    - ``boxes``: (B, 4) normalised (cx, cy, w, h), in input order, of the model's inference
-      head (``model.head``); ``heads``: the boxes of each head the model has;
-    - ``gates``: the hard ``Gates`` applied (all ones in ``dense`` mode or for a dense model);
-    - ``times``: seconds, ``text`` (text backbone + gating), ``extract`` (subnet extraction,
-      0 on cache hits), ``forward`` (visual backbone + fusion + head), ``total``;
-    - ``groups``: lists of row indices run together (one forward each), and ``cached``: for
-      each group, whether its subnet came from the cache (None outside ``subnet`` mode);
-    - ``cache``: ``{"hits": n, "misses": n}`` for this call.
+    Args:
+        model: the :class:`~lads.models.lads.LADS` supernet (dense or LADS), in eval mode when
+            called; the runner keeps a reference, not a copy.
+        cache_mb: MiB of tensors that extraction made (sliced and folded weights) the cache may
+            hold (default None: ``model.config.subnet_cache_mb``; 0: no subnet kept).
+        fold_bn: fold batch norm into the subnets' convolutions (default True).
+        channels_last: store folded or sliced weights, and run the subnets, in NHWC (default
+            True).
+        amp: "none" (float32, the default), "bf16" or "fp16": the autocast of every call.
+
+    Raises:
+        LadsError: for a negative ``cache_mb`` or an unknown ``amp``.
     """
 
     def __init__(self, model, cache_mb: float | None = None, fold_bn: bool = True, channels_last: bool = True,
@@ -212,6 +212,40 @@ class SubnetRunner:
     @torch.inference_mode()
     def __call__(self, images, pixel_mask, input_ids, attention_mask, mode: str = "subnet",
                  image_index=None) -> dict:
+        """Ground row i of the text on image ``image_index[i]``, under ``torch.inference_mode``
+        and the runner's autocast. In ``subnet`` mode each image runs each bottleneck once per
+        sequence of bottlenecks before it (``shared_backbones``).
+
+        Args:
+            images: float tensor (N, 3, H, W), letterboxed and normalised as
+                ``prepare_inputs`` makes them, on the model's device.
+            pixel_mask: bool tensor (N, H, W), True = padding.
+            input_ids: long tensor (B, L), ``[CLS]`` first (``tokenize``).
+            attention_mask: tensor (B, L), 1 for a token, 0 for padding.
+            mode: "subnet" (extracted subnets, the default), "masked" (the supernet with the
+                gates multiplied in) or "dense" (every gate open).
+            image_index: long tensor (B,), the image of each row (default None: image i, N = B).
+
+        Returns:
+            A dict:
+
+            - ``boxes``: (B, 4) normalised (cx, cy, w, h) of the padded square, in input
+              order, of the model's inference head (``model.head``); ``heads``: the boxes of
+              each head the model has;
+            - ``gates``: the hard ``Gates`` applied (all ones in ``dense`` mode or for a dense
+              model);
+            - ``times``: seconds, ``text`` (text backbone + gating), ``extract`` (subnet
+              extraction, 0 on cache hits), ``forward`` (visual backbone + fusion + head),
+              ``total``;
+            - ``groups``: lists of row indices run together (one forward each), and ``cached``:
+              for each group, whether its subnet came from the cache (None outside ``subnet``
+              mode);
+            - ``cache``: ``{"hits": n, "misses": n}`` for this call.
+
+        Raises:
+            LadsError: for an unknown ``mode``, a model in training mode, or inputs of the
+                wrong shape or dtype.
+        """
         with autocast(images.device, self.amp):
             return self._run(images, pixel_mask, input_ids, attention_mask, mode, image_index)
 

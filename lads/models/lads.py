@@ -20,7 +20,18 @@ from lads.util.flops import gate_costs
 
 
 class LADS(nn.Module):
-    """Language Adaptive Dynamic Subnets. ``config.dense`` forces every gate open."""
+    """Language Adaptive Dynamic Subnets. ``config.dense`` forces every gate open.
+
+    Args:
+        config: the model's ``ModelConfig`` (``Config.model``; :func:`build_model` makes one from
+            a preset or a JSON file): ``image_size``, the visual and text backbones, the fusion
+            module, the gating network, the heads and the loss weights.
+
+    Raises:
+        LadsError: for a config that does not hold together (an unknown ``gating.granularity``
+            or ``head``, a LayerDrop probability outside [0, 1) or set on a LADS model, a
+            negative loss weight), or a text model that cannot be had offline.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -91,6 +102,28 @@ class LADS(nn.Module):
 
         ``gates`` forces hard gates (tests, analysis); by default the gating network decides.
         ``n_s``: Eq. 5's soft/hard draw in training (the engine gives one per optimizer step).
+
+        Args:
+            images: float tensor (B, 3, H, W), normalised with ImageNet's mean and standard
+                deviation: the image letterboxed to the ``config.image_size`` square, as
+                :meth:`prepare` makes them.
+            pixel_mask: bool tensor (B, H, W), True = padding.
+            input_ids: long tensor (B, L) of token ids, ``[CLS]`` first; row i is grounded on
+                image i.
+            attention_mask: tensor (B, L), 1 for a token, 0 for padding.
+            gates: hard ``Gates`` (0/1, ``layer`` (B, num_layer_gates), ``filter`` (B,
+                num_filter_gates)) to use instead of the gating network's (default None).
+            n_s: Eq. 5's draw in training (default None: one drawn for this batch).
+
+        Returns:
+            A dict: ``boxes`` (B, 4) of the inference head, normalised (cx, cy, w, h) of the
+            padded square; ``heads``, ``token_scores``, ``token_boxes``, ``grid`` and
+            ``deep_boxes`` as :meth:`ground`'s; ``gates``, the hard gates used (None: every gate
+            open); ``soft``, ``relevance`` and ``alpha`` of the gating network (None where it
+            did not run); in training, ``flops`` (for ``loss.flops``).
+
+        Raises:
+            LadsError: for inputs or gates of the wrong shape or dtype, or gates not 0/1.
         """
         check_inputs(images, pixel_mask, input_ids, attention_mask)
         text, text_mask = self.encode_text(input_ids, attention_mask)
@@ -142,6 +175,22 @@ class LADS(nn.Module):
         """The static subnet of one expression's hard gates (docs/design.md §3), eval mode only.
 
         >>> subnet = model.eval().extract_subnet(gates)  # then subnet(images, pixel_mask, F_l, mask)
+
+        Args:
+            gates: one expression's hard ``Gates`` (0/1): ``layer`` (num_layer_gates,) or (1,
+                num_layer_gates), ``filter`` (num_filter_gates,) or (1, num_filter_gates); e.g.
+                row j of ``model(...)["gates"]``.
+            fold_bn: fold batch norm into the convolutions before it (default False).
+
+        Returns:
+            A ``lads.models.subnet.Subnet`` on the model's device, sharing every tensor it does
+            not prune with the model: ``subnet(images, pixel_mask, text, text_mask)`` (``text``,
+            ``text_mask``: :meth:`encode_text`'s) gives the ``boxes``, ``heads``,
+            ``token_scores`` and ``token_boxes`` of :meth:`ground` with these gates.
+
+        Raises:
+            LadsError: in training mode, or for gates that are not a ``Gates`` of one
+                expression's 0/1 gates for this model.
         """
         from lads.models.subnet import extract_subnet
 
@@ -183,7 +232,29 @@ class LADS(nn.Module):
 
     def predict(self, image, expressions, mode: str = "subnet", dtype: str = "fp32") -> list[dict]:
         """Boxes in original image pixels for one image and one or more expressions; ``dtype``
-        fp32, or bf16/fp16 autocast."""
+        fp32, or bf16/fp16 autocast.
+
+        Puts the model in eval mode; it keeps a ``SubnetRunner``, hence a cache of extracted
+        subnets, between calls.
+
+        Args:
+            image: a path or a PIL image (EXIF orientation honoured).
+            expressions: one expression or a list of them, each grounded on ``image``.
+            mode: "subnet" (extracted subnets, the default), "masked" (the supernet with the
+                gates multiplied in) or "dense" (every gate open).
+            dtype: "fp32" (default), "bf16" or "fp16" (autocast).
+
+        Returns:
+            One dict per expression, in order: ``expression``; ``box``, [x1, y1, x2, y2] in the
+            original image's pixels; the subnet's ``visual_layers``, ``fusion_sublayers``,
+            ``filters`` and ``summary`` (a line); ``flops``, its FLOPs as a fraction of the dense
+            network's; ``cache_hit`` (whether the subnet came from the cache; None outside
+            ``subnet`` mode).
+
+        Raises:
+            LadsError: for an unknown ``mode`` or ``dtype``, no expression or an empty one, an
+                image that cannot be read.
+        """
         from lads.inference import predict
         from lads.util.amp import DTYPES
 
@@ -195,7 +266,28 @@ class LADS(nn.Module):
                      dtype: str = "fp32"):
         """Answers for many images, each with its expressions, in input order: an iterator of
         dicts (``lads.batch.predict_many``; ``queries``: ``(image, expressions)`` pairs, dicts
-        ``{"image", "expressions"}``, or ``lads.batch``'s JSON-lines and folder readers)."""
+        ``{"image", "expressions"}``, or ``lads.batch``'s JSON-lines and folder readers).
+
+        Args:
+            queries: ``(image, expressions)`` pairs or ``{"image": …, "expressions": [...]}``
+                dicts (an image: a path or a PIL image), a list or any iterable of them, or
+                ``lads.batch.JsonlQueries`` / ``FolderQueries``.
+            batch_size: expressions grounded together, across images (default 64).
+            num_workers: image-reading processes (default None: the cores that torch's
+                threads leave free on the CPU, else ``lads.util.dist.loader_workers``).
+            mode: "subnet" (default), "masked" or "dense", as :meth:`predict`'s.
+            dtype: "fp32" (default), "bf16" or "fp16" (autocast).
+
+        Returns:
+            An iterator of dicts, one per expression: ``line`` (the query's place, from 0),
+            ``index`` (the expression's place in it), ``image`` (its path, None for a PIL
+            image) and :meth:`predict`'s fields (``box`` in original image pixels); one dict
+            ``{"line", "image", "error"}`` for a query that cannot be used.
+
+        Raises:
+            LadsError: for an unknown ``dtype`` or ``mode``, or ``batch_size`` below 1 (when
+                iterated, for the latter two).
+        """
         from lads.batch import predict_many
         from lads.util.amp import DTYPES
 
@@ -205,7 +297,21 @@ class LADS(nn.Module):
 
     def prepare(self, image, expressions) -> dict:
         """``images``, ``pixel_mask``, ``input_ids``, ``attention_mask`` for one image (a path or
-        a PIL image) and its expressions, on the model's device: ``model(**model.prepare(…))``."""
+        a PIL image) and its expressions, on the model's device: ``model(**model.prepare(…))``.
+
+        Args:
+            image: a path or a PIL image (EXIF orientation honoured).
+            expressions: one expression or a list of them; longer than
+                ``config.text.max_tokens`` tokens: truncated, with a warning.
+
+        Returns:
+            A dict of :meth:`forward`'s inputs, row i for expression i: ``images`` (B, 3, S, S)
+            (S: ``config.image_size``; the image letterboxed and normalised), ``pixel_mask``
+            (B, S, S), ``input_ids`` and ``attention_mask`` (B, L).
+
+        Raises:
+            LadsError: for no expression or an empty one, or an image that cannot be read.
+        """
         from lads.inference import prepare_inputs
 
         device = next(self.parameters()).device
@@ -229,6 +335,21 @@ def build_model(config: str | Config | ModelConfig = "tiny", overrides: list[str
     """A LADS model from a preset name, a JSON config file or a config object.
 
     >>> model = build_model("tiny", ["model.fusion.num_layers=2"])
+
+    Args:
+        config: a preset name ("tiny", "lads-r50", "refcoco", …; ``lads/configs/``), the path of
+            a JSON config file, a ``Config`` (its ``model`` is used) or a ``ModelConfig``
+            (default "tiny").
+        overrides: ``key=value`` strings applied on top of a preset or file, e.g.
+            "model.text.pretrained=false" (default None: none).
+
+    Returns:
+        A new :class:`LADS` in training mode on the CPU, with the starting weights the config
+        names (``model.visual.pretrained``, ``model.text.pretrained``), else random ones.
+
+    Raises:
+        LadsError: for an unknown preset or file, a bad override, overrides given with a config
+            object, or a config :class:`LADS` refuses.
     """
     if isinstance(config, (str,)) or hasattr(config, "__fspath__"):
         config = load_config(config, overrides)
