@@ -190,9 +190,11 @@ class PretrainConfig:
 class DemoConfig:
     """``lads demo``'s schedule (docs/design.md §5a): synthetic images, then dense training shared
     by the three models, then each model's own training from it (LADS and the static control: the
-    gates join). Budgets are steps, scaled once by the machine's speed (``fit_to_machine``), so a
-    run's figures do not depend on the machine's load, unless a stage reaches its cap in minutes
-    first (the pre-training's: ``pretrain.steps``, ``pretrain.max_minutes``)."""
+    gates join); with ``cls_steps``, a dense stage with Eq. 9 alone between the two, from which
+    stage 2 starts (the paper's model, docs/design.md §5e). Budgets are steps, scaled once by the
+    machine's speed (``fit_to_machine``), so a run's figures do not depend on the machine's load,
+    unless a stage reaches its cap in minutes first (the pre-training's: ``pretrain.steps``,
+    ``pretrain.max_minutes``)."""
 
     images: int = 4000  # train/val/test images; held-out ones are added
     fit_to_machine: bool = True  # scale every stage's steps by reference_step_s / this machine's (a probe)
@@ -206,6 +208,10 @@ class DemoConfig:
     layer_drop_fusion: float = 0.3  # stage 1: model.layer_drop_fusion, so that LADS may cut the fusion
     layer_drop_visual: float = 0.0  # stage 1: model.layer_drop_visual
     filter_drop: float = 0.0  # stage 1: model.filter_drop
+    shared_overrides: list[str] = field(default_factory=list)  # stage 1 only, on top of the config
+    cls_steps: int = 0  # a dense stage training Eq. 9 alone between stage 1 and stage 2 (tiny-paper); 0: none
+    cls_minutes: float = 30.0  # its cap
+    models: list[str] = field(default_factory=lambda: ["lads", "static", "dense"])  # stage 2: a subset of these
 
 
 @dataclass

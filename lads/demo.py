@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 
 SPLITS = ["test", "heldout"]
-STEPS = 11
 STAGE2 = {  # run folder: what it is, its overrides on top of stage 2's
     "lads": ("LADS (the gating network joins)", ["model.dense=false"]),
     "static": ("the static control (gates that do not read the expression)",
                ["model.dense=false", "model.gating.static=true"]),
     "dense": ("the dense baseline", ["model.dense=true"]),
 }
+CLS_STAGE = "eq9"  # the run folder of the dense stage with Eq. 9 alone (demo.cls_steps)
 
 
 def run_demo(config: str = "tiny", overrides: list[str] = (), out="runs/demo", seed: int = 0) -> Path:
@@ -44,52 +44,81 @@ def run_demo(config: str = "tiny", overrides: list[str] = (), out="runs/demo", s
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     demo = load_config(config, overrides).demo
+    _check_models(demo.models)
+    step = _Counter(4 + bool(demo.cls_steps) + len(demo.models) + 4)
     data = out / "data"
     if not (data / "instances.json").exists():
-        print(f"[1/{STEPS}] generating the synthetic benchmark ({demo.images} images) in {data}")
+        print(f"{step()} generating the synthetic benchmark ({demo.images} images) in {data}")
         synth.generate(data, seed=seed, images=demo.images)
     else:
-        print(f"[1/{STEPS}] reusing the synthetic benchmark in {data}")
-    budget = step_budget(out, config, [*overrides, f"data.path={data}"])
+        print(f"{step()} reusing the synthetic benchmark in {data}")
+    budget = step_budget(out, config, [*overrides, f"data.path={data}"], step())
     overrides = [*overrides, *budget["overrides"]]
     demo = load_config(config, overrides).demo
     visual = out / "pretrain" / WEIGHTS
     if not (out / "pretrain" / "meta.json").exists():
-        print(f"[3/{STEPS}] pre-training the visual backbone on the boxes of the training images, in {visual.parent}")
+        print(f"{step()} pre-training the visual backbone on the boxes of the training images, in {visual.parent}")
         pretrain(load_config(config, [*overrides, f"data.path={data}", f"pretrain.out={visual.parent}"]))
     else:
-        print(f"[3/{STEPS}] reusing the pre-trained visual backbone {visual}")
+        print(f"{step()} reusing the pre-trained visual backbone {visual}")
     common = [*overrides, f"data.path={data}", f"model.visual.pretrained={visual}"]
-    shared = _stage(4, "stage 1: the dense network, shared by the three models", out / "shared", config, [
+    start = _stage(step(), "stage 1: the dense network, shared by the models of stage 2", out / "shared", config, [
         *common, "model.dense=true", f"train.max_steps={demo.shared_steps}", f"train.max_minutes={demo.shared_minutes}",
         "train.lr_drop_epoch=1000000", "train.epochs=1000000", f"model.layer_drop_fusion={demo.layer_drop_fusion}",
-        f"model.layer_drop_visual={demo.layer_drop_visual}", f"model.filter_drop={demo.filter_drop}"])
-    branch = stage2_overrides(common, demo, shared)
-    checkpoints = {name: _stage(5 + i, f"stage 2: {what}", out / name, config, [*branch, *more])
-                   for i, (name, (what, more)) in enumerate(STAGE2.items())}
-    print(f"[8/{STEPS}] evaluating the three models on", ", ".join(SPLITS))
+        f"model.layer_drop_visual={demo.layer_drop_visual}", f"model.filter_drop={demo.filter_drop}",
+        *demo.shared_overrides])
+    checkpoints = {}
+    if demo.cls_steps:
+        start = checkpoints[CLS_STAGE] = _stage(step(), "stage 1b: the dense network with Eq. 9 alone",
+                                                out / CLS_STAGE, config, [
+            *stage2_overrides(common, demo, start, demo.cls_steps, demo.cls_minutes), "model.dense=true"])
+    branch = stage2_overrides(common, demo, start)
+    for name in demo.models:
+        what, more = STAGE2[name]
+        checkpoints[name] = _stage(step(), f"stage 2: {what}", out / name, config, [*branch, *more])
+    print(f"{step()} evaluating {len(checkpoints)} models on", ", ".join(SPLITS))
     rows = evaluate_checkpoints(list(checkpoints.values()), str(data), SPLITS)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     table = markdown_table(rows)
     print(table)
-    print(f"[9/{STEPS}] predicting on a few test images")
+    print(f"{step()} predicting on a few test images")
     pictures = _predict_examples(checkpoints["lads"], data, out / "predictions")
-    print(f"[10/{STEPS}] drawing the subnets of the test expressions")
-    analysis, static = _analyze(checkpoints["lads"], checkpoints["static"], data, out / "analysis")
-    print(f"[11/{STEPS}] learning curves and the report")
-    curves = _curves(out)
-    report = _report(out, table, rows, pictures, analysis, static, curves, _stages(out), budget,
-                     time.time() - started)
+    print(f"{step()} drawing the subnets of the test expressions")
+    analysis, static = _analyze(checkpoints["lads"], checkpoints.get("static"), data, out / "analysis")
+    print(f"{step()} learning curves and the report")
+    curves = _curves(out, list(checkpoints))
+    report = _report(out, config, table, rows, pictures, analysis, static, curves, _stages(out, list(checkpoints)),
+                     budget, time.time() - started)
     print(f"report: {report}")
     return report
 
 
-def stage2_overrides(common: list[str], demo, shared: Path) -> list[str]:
-    """The overrides of every stage-2 run: from stage 1's weights ``shared``, no LayerDrop,
-    ``demo.steps`` steps with a short warm-up and the learning rates × 0.1 after
-    ``demo.lr_drop_fraction`` of them."""
-    return [*common, f"model.init={shared}", "model.layer_drop_fusion=0", "model.layer_drop_visual=0",
-            "model.filter_drop=0", f"train.max_steps={demo.steps}", f"train.max_minutes={demo.minutes}",
+class _Counter:
+    """``[k/N]``, the demo's step numbers as it prints them."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+
+    def __call__(self) -> str:
+        self.done += 1
+        return f"[{self.done}/{self.total}]"
+
+
+def _check_models(models: list[str]) -> None:
+    from lads.errors import LadsError
+
+    if "lads" not in models or not set(models) <= set(STAGE2) or len(set(models)) != len(models):
+        raise LadsError(f"demo.models must name LADS and any of {', '.join(STAGE2)} once each, got {models}")
+
+
+def stage2_overrides(common: list[str], demo, start: Path, steps: int | None = None,
+                     minutes: float | None = None) -> list[str]:
+    """The overrides of every run that starts from another's weights ``start``: no LayerDrop,
+    ``steps`` (default ``demo.steps``) steps within ``minutes`` (``demo.minutes``), with a short
+    warm-up and the learning rates × 0.1 after ``demo.lr_drop_fraction`` of them."""
+    steps, minutes = steps or demo.steps, minutes or demo.minutes
+    return [*common, f"model.init={start}", "model.layer_drop_fusion=0", "model.layer_drop_visual=0",
+            "model.filter_drop=0", f"train.max_steps={steps}", f"train.max_minutes={minutes}",
             "train.epochs=1000000", f"train.warmup_epochs={demo.warmup_epochs}",
             f"train.lr_drop_fraction={demo.lr_drop_fraction}"]
 
@@ -97,28 +126,31 @@ def stage2_overrides(common: list[str], demo, shared: Path) -> list[str]:
 MIN_SCALE, MAX_SCALE = 0.25, 8.0  # bounds of the step budgets' factor
 
 
-def step_budget(out: Path, config: str, overrides: list[str]) -> dict:
+def step_budget(out: Path, config: str, overrides: list[str], number: str = "[2]") -> dict:
     """The steps of every stage (docs/design.md §5a, "A main job that uses its time"): with
     ``demo.fit_to_machine``, the preset's steps × (``demo.reference_step_s`` / this machine's
     seconds per training step, from a probe of a few steps; the factor rounded to a twentieth,
     so that runs on one kind of machine mostly get the same steps, and kept within
     [``MIN_SCALE``, ``MAX_SCALE``]), so that the job takes about as long on every machine as on
     the reference one; else the steps as configured. Kept in ``budget.json``, so that a rerun
-    resumes with the same steps; the report gives the ``--set`` that repeats them."""
+    resumes with the same steps; the report gives the ``--set`` that repeats them. ``number``: how
+    the demo numbers this step when it prints."""
     from lads.config import load_config
     from lads.engine import step_seconds
 
     path = out / "budget.json"
     if path.exists():
         budget = json.loads(path.read_text())
-        print(f"[2/{STEPS}] reusing the step budget of {path}: {_steps_line(budget)}")
+        print(f"{number} reusing the step budget of {path}: {_steps_line(budget)}")
         return budget
     cfg = load_config(config, overrides)
     d, steps = cfg.demo, {"pretrain.steps": cfg.pretrain.steps, "demo.shared_steps": cfg.demo.shared_steps,
                           "demo.steps": cfg.demo.steps}
+    if d.cls_steps:
+        steps["demo.cls_steps"] = d.cls_steps
     budget = {"fitted": d.fit_to_machine, "reference_step_s": d.reference_step_s}
     if d.fit_to_machine:
-        print(f"[2/{STEPS}] timing a few training steps to fit the step budgets to this machine")
+        print(f"{number} timing a few training steps to fit the step budgets to this machine")
         budget["probe_step_s"] = step_seconds(cfg)
         scale = round(d.reference_step_s / budget["probe_step_s"] * 20) / 20  # probes jitter by a few %
         budget["scale"] = min(MAX_SCALE, max(MIN_SCALE, scale))
@@ -128,30 +160,31 @@ def step_budget(out: Path, config: str, overrides: list[str]) -> dict:
     tmp = path.with_suffix(".tmp")  # a run killed here leaves no half-written budget to reuse
     tmp.write_text(json.dumps(budget, indent=2))
     os.replace(tmp, path)
-    print(f"[2/{STEPS}] step budget: {_steps_line(budget)}")
+    print(f"{number} step budget: {_steps_line(budget)}")
     return budget
 
 
 def _steps_line(budget: dict) -> str:
     s = budget["steps"]
     line = (f"{s['pretrain.steps']} pre-training steps, {s['demo.shared_steps']} in stage 1, "
-            f"{s['demo.steps']} for each model of stage 2")
+            + (f"{s['demo.cls_steps']} in stage 1b (Eq. 9 alone), " if "demo.cls_steps" in s else "")
+            + f"{s['demo.steps']} for each model of stage 2")
     if "probe_step_s" in budget:
         line += (f" ({budget['probe_step_s']:.3f} s per training step here against "
                  f"{budget['reference_step_s']:.3f} on the reference machine: × {budget['scale']:.2f})")
     return line
 
 
-def _stage(number: int, what: str, run_dir: Path, config: str, overrides: list[str]) -> Path:
+def _stage(number: str, what: str, run_dir: Path, config: str, overrides: list[str]) -> Path:
     """Train one stage into ``run_dir`` (resuming it if it was cut); its checkpoint."""
     from lads.config import load_config
     from lads.engine import train
     from lads.errors import LadsError
 
     if _finished(run_dir):
-        print(f"[{number}/{STEPS}] {what}: done already ({run_dir})")
+        print(f"{number} {what}: done already ({run_dir})")
         return run_dir / "checkpoint"
-    print(f"[{number}/{STEPS}] {what}, in {run_dir}")
+    print(f"{number} {what}, in {run_dir}")
     cfg = load_config(config, [*overrides, f"train.out={run_dir}"])
     checkpoint = train(cfg, resume=str(run_dir) if (run_dir / "checkpoint").exists() else None)
     if not _finished(run_dir):
@@ -189,9 +222,9 @@ def _predict_examples(checkpoint, data: Path, out: Path, images: int = 4) -> lis
     return pictures
 
 
-def _analyze(lads_checkpoint, static_checkpoint, data: Path, out: Path) -> tuple[dict, dict]:
+def _analyze(lads_checkpoint, static_checkpoint, data: Path, out: Path) -> tuple[dict, dict | None]:
     """``lads analyze`` of LADS on the test split, and the static control's subnet statistics
-    there (its dynamicity: none)."""
+    there (its dynamicity: none), if it was trained."""
     from lads.analysis.collect import analyze, subnet_statistics
     from lads.datasets import load_records
     from lads.models import LADS
@@ -200,20 +233,24 @@ def _analyze(lads_checkpoint, static_checkpoint, data: Path, out: Path) -> tuple
     expressions, types = [r.expression for r in records], [r.expr_type for r in records]
     analysis = analyze(LADS.from_pretrained(lads_checkpoint), expressions, types, out_dir=out, force=True,
                        title="LADS subnets, synthetic test split")
+    if static_checkpoint is None:
+        return analysis, None
     return analysis, subnet_statistics(LADS.from_pretrained(static_checkpoint), expressions, types, progress=False)[0]
 
 
-RUNS = {"shared": "stage 1: dense, shared", "lads": "stage 2: LADS", "static": "stage 2: static control",
-        "dense": "stage 2: dense"}
+RUNS = {"shared": "stage 1: dense, shared", CLS_STAGE: "stage 1b: dense, Eq. 9 alone", "lads": "stage 2: LADS",
+        "static": "stage 2: static control", "dense": "stage 2: dense"}
 
 
-def _stages(out: Path) -> list[dict]:
+def _stages(out: Path, runs: list[str]) -> list[dict]:
     """Steps (done and budgeted), samples, minutes and samples/s of the pre-training and of each
-    training stage, from their checkpoints."""
+    training stage (stage 1 and ``runs``), from their checkpoints."""
     pre = json.loads((out / "pretrain" / "meta.json").read_text())
     rows = [_stage_row("pretrain", "pre-training of the visual backbone", pre["steps"], pre.get("max_steps"),
                        pre.get("batch_size", 32), 60 * pre["minutes"], pre.get("amp"))]
     for name, what in RUNS.items():
+        if name != "shared" and name not in runs:
+            continue
         meta = json.loads((out / name / "checkpoint" / "meta.json").read_text())
         batch = json.loads((out / name / "checkpoint" / "config.json").read_text())["train"]["batch_size"]
         rows.append(_stage_row(name, what, meta["step"], meta.get("total_steps"), batch, meta.get("train_s", 0.0),
@@ -228,25 +265,34 @@ def _stage_row(run: str, what: str, steps: int, budget, batch: int, seconds: flo
             "precision": {"none": "float32", None: "?"}.get(amp, amp)}
 
 
-def _curves(out: Path) -> Path:
-    """Val Prec@0.5 against training minutes: stage 1, then the three branches of stage 2."""
+def _curves(out: Path, runs: list[str]) -> Path:
+    """Val Prec@0.5 against the samples seen: stage 1, then the stages that start from it, each
+    shifted by the samples of the stage it starts from."""
     from lads.analysis.curves import plot_curves
 
-    offset = json.loads((out / "shared" / "checkpoint" / "meta.json").read_text()).get("train_s", 0.0) / 60
-    logs = {"stage 1 (dense)": (out / "shared" / "log.jsonl", 0.0),
-            **{RUNS[name].removeprefix("stage 2: "): (out / name / "log.jsonl", offset) for name in STAGE2}}
-    return plot_curves(logs, out / "curves.png", title="lads demo: val Prec@0.5 while training")
+    def seen(run: str) -> tuple[float, int]:  # thousands of samples at the run's end, its batch
+        meta = json.loads((out / run / "checkpoint" / "meta.json").read_text())
+        batch = json.loads((out / run / "checkpoint" / "config.json").read_text())["train"]["batch_size"]
+        return meta["step"] * batch / 1000, batch
+
+    shared, batch = seen("shared")
+    branch = shared + (seen(CLS_STAGE)[0] if CLS_STAGE in runs else 0.0)
+    logs = {"stage 1 (dense)": (out / "shared" / "log.jsonl", 0.0)}
+    logs.update({RUNS[name].split(": ", 1)[1]: (out / name / "log.jsonl", shared if name == CLS_STAGE else branch)
+                 for name in runs})
+    return plot_curves(logs, out / "curves.png", title="lads demo: val Prec@0.5 while training", batch=batch)
 
 
-def _report(out: Path, table: str, rows, pictures, analysis, static: dict, curves: Path, stages, budget: dict,
-            seconds) -> Path:
+def _report(out: Path, config: str, table: str, rows, pictures, analysis, static: dict | None, curves: Path, stages,
+            budget: dict, seconds) -> Path:
     from lads.analysis.report import dynamicity_table, markdown
     from lads.util.dist import device_name, local_device
 
     lines = [
         "# lads demo: the synthetic REC benchmark",
         "",
-        f"Everything here took {seconds / 60:.1f} minutes on {device_name(local_device())}.",
+        f"Everything here took {seconds / 60:.1f} minutes on {device_name(local_device())}, with the config "
+        f"`{config}`.",
         "",
         "## Prec@0.5",
         "",
@@ -257,6 +303,7 @@ def _report(out: Path, table: str, rows, pictures, analysis, static: dict, curve
         "## Training",
         "",
         f"Step budget: {_steps_line(budget)}. To repeat these steps: `lads demo "
+        + (f"--config {config} " if config != "tiny" else "")
         + " ".join(f"--set {o}" for o in budget["overrides"]) + "`.",
         "",
         "| stage | steps | samples | minutes | samples/s | precision |",
@@ -279,7 +326,8 @@ def _report(out: Path, table: str, rows, pictures, analysis, static: dict, curve
     lines += ["", "## Predictions (LADS, extracted subnets)", ""]
     lines += [f"![{p.stem}]({p.relative_to(out)})" for p in pictures]
     lines += ["", "## Do the subnets follow the expression? (test split)", "",
-              markdown(*dynamicity_table({"LADS": analysis["stats"], "static control": static})), "",
+              markdown(*dynamicity_table({"LADS": analysis["stats"], **({"static control": static} if static else {})
+                                          })), "",
               "Per expression type (LADS): " + "; ".join(
                   f"{t}: {d['layers_varying']} layers varying, FLOPs {d['flops']['mean']:.2f} ± {d['flops']['std']:.2f}"
                   for t, d in analysis["stats"].get("dynamicity_by_type", {}).items()) + "."]

@@ -728,9 +728,8 @@ def evaluate(model, dataset, batch_size: int = 32, mode: str = "subnet", num_wor
         "flops_kept": float(np.mean([r["flops"] for r in gathered.values()])) if n else 0.0,
     }
     heads = sorted({h for r in gathered.values() for h in r["ious"]})
-    if len(heads) > 1:
-        summary["prec@0.5_by_head"] = {
-            h: 100.0 * sum(r["ious"][h] >= 0.5 for r in gathered.values()) / max(n, 1) for h in heads}
+    summary["prec@0.5_by_head"] = {
+        h: 100.0 * sum(r["ious"][h] >= 0.5 for r in gathered.values()) / max(n, 1) for h in heads}
     by_type = {}
     for r in gathered.values():
         if r["expr_type"]:

@@ -60,8 +60,9 @@ def markdown_table(rows: list[dict]) -> str:
         mean = lambda key: sum(v[key] * v["expressions"] for v in res.values()) / max(n, 1)  # noqa: E731
         size = [f"{mean('ms_per_expression'):.1f}", f"{mean('layers_kept'):.1f}", f"{mean('filters_kept'):.0f}",
                 f"{100 * mean('flops_kept'):.0f} %"]
-        two_heads = any("prec@0.5_by_head" in v for v in res.values())
-        name = r["name"] + (", token head" if two_heads else "")
+        heads = {h for v in res.values() for h in v.get("prec@0.5_by_head", {})}
+        two_heads = len(heads) > 1
+        name = r["name"] + (", token head" if two_heads else ", [CLS] head (paper)" if heads == {"cls"} else "")
         lines.append("| " + " | ".join([name, *(f"{res[s]['prec@0.5']:.2f}" if s in res else "–" for s in splits),
                                         *size]) + " |")
         if two_heads:

@@ -67,6 +67,37 @@ def test_demo_end_to_end_then_rerun_reuses(tmp_path, tiny_text_dir, capsys):
 
 
 @pytest.mark.slow
+def test_paper_recipe_trains_eq9_alone_then_lads_from_it(tmp_path, tiny_text_dir):
+    """``--config tiny-paper``: stage 1 with the token head as a training-only teacher, a dense
+    stage with Eq. 9 alone (no token head: left behind at its init), then LADS from it; both
+    evaluated with the paper's [CLS] head, the dense stage as the dense row."""
+    from safetensors import safe_open
+
+    out = tmp_path / "paper"
+    args = ["demo", "--config", "tiny-paper", "--out", str(out)]
+    for o in [*SMALL, "demo.cls_steps=2", f"model.text.name={tiny_text_dir}"]:
+        args += ["--set", o]
+    assert lads_main(args) == 0
+    config = {run: json.loads((out / run / "checkpoint" / "config.json").read_text())["model"]
+              for run in ("shared", "eq9", "lads")}
+    assert config["shared"]["loss"]["token"] == 1.0 and config["eq9"]["loss"]["token"] == 0.0
+    assert config["eq9"]["dense"] and config["eq9"]["init"] == str(out / "shared" / "checkpoint")
+    assert not config["lads"]["dense"] and config["lads"]["init"] == str(out / "eq9" / "checkpoint")
+    assert config["lads"]["head"] == "cls" and config["lads"]["loss"]["flops_target"] == 0.7
+    with safe_open(str(out / "lads" / "checkpoint" / "model.safetensors"), "pt") as f:
+        assert not any(k.startswith("token_head.") for k in f.keys())  # the paper's model, its own head
+    assert not (out / "static").exists() and not (out / "dense").exists()
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in rows] == ["dense (eq9)", "LADS (lads)"]
+    assert all(set(r["splits"][s]["prec@0.5_by_head"]) == {"cls"} for r in rows for s in ("test", "heldout"))
+    report = (out / "report.md").read_text()
+    assert "LADS (lads), [CLS] head (paper)" in report and "dense (eq9), [CLS] head (paper)" in report
+    assert "| stage 1b: dense, Eq. 9 alone | 2 |" in report and "static control" not in report.split("## Training")[1]
+    assert "To repeat these steps: `lads demo --config tiny-paper --set demo.fit_to_machine=false" in report
+    assert "--set demo.cls_steps=2" in report and (out / "curves.png").stat().st_size > 0
+
+
+@pytest.mark.slow
 def test_a_signal_stops_the_whole_demo_and_a_rerun_resumes_it(tmp_path, tiny_text_dir):
     out = tmp_path / "demo"
     overrides = [*SMALL, "demo.shared_steps=100000", "demo.shared_minutes=0.5", f"model.text.name={tiny_text_dir}"]

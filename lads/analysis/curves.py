@@ -1,8 +1,10 @@
-"""Learning curves: val Prec@0.5 against training minutes, read from runs' ``log.jsonl``.
+"""Learning curves: val Prec@0.5 against training minutes or samples seen, read from runs'
+``log.jsonl``.
 
 ``lads train`` with ``train.eval_every`` logs, at each evaluation, ``<split>/prec@0.5`` (the
 inference head) and, for a model with two heads, ``<split>/prec@0.5_cls`` and
-``<split>/prec@0.5_token``, with ``train_s``, the training seconds so far (evaluation excluded).
+``<split>/prec@0.5_token``, with ``step`` and ``train_s``, the training seconds so far
+(evaluation excluded).
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from lads.errors import LadsError  # noqa: E402
 HEADS = {"cls": "[CLS] head (paper)", "token": "token head"}
 
 
-def read_curve(log: Path, split: str = "val") -> dict[str, list[tuple[float, float]]]:
-    """``{series: [(minutes, Prec@0.5), ...]}`` of one run: ``"boxes"`` for the inference head,
-    and one series per head where the model has two."""
+def read_curve(log: Path, split: str = "val", batch: int | None = None) -> dict[str, list[tuple[float, float]]]:
+    """``{series: [(x, Prec@0.5), ...]}`` of one run, x in training minutes, or with ``batch``
+    (samples per step) in thousands of samples seen: ``"boxes"`` for the inference head, and one
+    series per head where the model has two."""
     if not Path(log).exists():
         raise LadsError(f"{log}: no such training log")
     series: dict[str, list[tuple[float, float]]] = {}
@@ -30,22 +33,23 @@ def read_curve(log: Path, split: str = "val") -> dict[str, list[tuple[float, flo
         record = json.loads(line) if line.strip() else {}
         if f"{split}/prec@0.5" not in record:
             continue
-        minutes = record["train_s"] / 60
-        series.setdefault("boxes", []).append((minutes, record[f"{split}/prec@0.5"]))
+        x = record["step"] * batch / 1000 if batch else record["train_s"] / 60
+        series.setdefault("boxes", []).append((x, record[f"{split}/prec@0.5"]))
         for head in HEADS:
             if f"{split}/prec@0.5_{head}" in record:
-                series.setdefault(head, []).append((minutes, record[f"{split}/prec@0.5_{head}"]))
+                series.setdefault(head, []).append((x, record[f"{split}/prec@0.5_{head}"]))
     return series
 
 
-def plot_curves(logs: dict, path, split: str = "val", title: str | None = None) -> Path:
+def plot_curves(logs: dict, path, split: str = "val", title: str | None = None, batch: int | None = None) -> Path:
     """One solid line per run (its inference head) and, for a run with two heads, a dashed one
-    for the other head. ``logs``: name -> ``log.jsonl``, or (``log.jsonl``, minutes to shift it
-    by, for a run that started from another's weights)."""
+    for the other head. ``logs``: name -> ``log.jsonl``, or (``log.jsonl``, x to shift it by, for
+    a run that started from another's weights); x in training minutes, or with ``batch`` (samples
+    per step) in thousands of samples seen."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, (name, log) in enumerate(logs.items()):
         log, offset = log if isinstance(log, tuple) else (log, 0.0)
-        series = {k: [(m + offset, p) for m, p in v] for k, v in read_curve(log, split).items()}
+        series = {k: [(x + offset, p) for x, p in v] for k, v in read_curve(log, split, batch).items()}
         if not series:
             continue
         used = next((h for h in HEADS if series.get(h) == series["boxes"]), None)
@@ -54,7 +58,7 @@ def plot_curves(logs: dict, path, split: str = "val", title: str | None = None) 
         for key, style, label in lines:
             xs, ys = zip(*series[key])
             ax.plot(xs, ys, style, color=f"C{i}", markersize=3, label=label)
-    ax.set_xlabel("training minutes (evaluation excluded)")
+    ax.set_xlabel("thousands of training samples seen" if batch else "training minutes (evaluation excluded)")
     ax.set_ylabel(f"{split} Prec@0.5 (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)

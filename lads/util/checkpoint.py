@@ -127,9 +127,10 @@ def read_meta(path) -> tuple[Path, dict, dict]:
     return path, json.loads((path / CONFIG).read_text()), meta
 
 
-def load_weights(path: Path, model, new: str | None = None) -> None:
+def load_weights(path: Path, model, new: str | None = None, left: str | None = None) -> None:
     """Load ``model.safetensors`` into ``model`` strictly, naming the keys that differ; only
-    the keys under the prefix ``new`` (a module the checkpoint did not have) may be missing.
+    the keys under the prefix ``new`` (a module the checkpoint did not have) may be missing, and
+    only those under ``left`` (a module the model does not have) may be left unread.
     Batch norm's step counters (``num_batches_tracked``) that the model has no place for are
     dropped: a checkpoint trained with batch norm starts a model with frozen batch norm."""
     from safetensors import SafetensorError
@@ -140,7 +141,8 @@ def load_weights(path: Path, model, new: str | None = None) -> None:
     except (SafetensorError, OSError) as e:
         raise LadsError(f"{path / WEIGHTS}: cannot read the weights ({e})") from None
     own = model.state_dict()
-    state = {k: v for k, v in state.items() if k in own or not k.endswith(".num_batches_tracked")}
+    state = {k: v for k, v in state.items()
+             if k in own or not (k.endswith(".num_batches_tracked") or left and k.startswith(left))}
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if new:
         missing = [k for k in missing if not k.startswith(new)]
@@ -165,17 +167,23 @@ def load_training_state(path: Path) -> dict:
 
 def init_weights(model, checkpoint) -> None:
     """``model.init``: the weights of another run, without its optimizer state. The architecture
-    must match; a dense checkpoint may start a LADS model, whose gating network is then new."""
+    must match; a dense checkpoint may start a LADS model, whose gating network is then new, and a
+    checkpoint with a token head a model without one (the paper's: the token head was a
+    training-only teacher), which leaves it behind."""
     folder, saved, _ = read_meta(checkpoint)
     from_dense = saved["model"].get("dense") and model.gating is not None
+    left = "token_head." if model.token_head is None else None
     try:
-        load_weights(folder, model, new="gating." if from_dense else None)
+        load_weights(folder, model, new="gating." if from_dense else None, left=left)
     except LadsError as e:
         raise LadsError(f"model.init={checkpoint}: {e}. The model section of this config must match the "
                         f"checkpoint's ({folder / 'config.json'}); only a dense checkpoint may start a LADS "
                         "model, whose gating network is then new") from None
     if dist.is_main():
-        print(f"model.init: weights from {folder}" + (" (dense; a new gating network)" if from_dense else ""))
+        notes = [note for note, on in (("dense; a new gating network", from_dense),
+                                       ("its token head left behind", left and saved["model"]["loss"].get("token")))
+                 if on]
+        print(f"model.init: weights from {folder}" + (f" ({'; '.join(notes)})" if notes else ""))
 
 
 def restored_model_config(model_cfg, checkpoint=None):
