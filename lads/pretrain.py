@@ -150,7 +150,9 @@ def _coco_scenes(path: Path, exclude):
     return annotations, images, set(images) - left_out, provenance, len(left_out)
 
 
-def collate(items):
+def collate_objects(items):
+    """A pre-training batch: the images stacked, each image's objects (boxes and class labels) as
+    a list, since their number differs (``lads.datasets.dataset.collate`` batches REC samples)."""
     return torch.stack([image for image, _ in items]), [objects for _, objects in items]
 
 
@@ -255,7 +257,7 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
     params = [*backbone.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
     scaler = grad_scaler(device, amp)
-    loader = DataLoader(dataset, p.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
+    loader = DataLoader(dataset, p.batch_size, shuffle=True, drop_last=True, collate_fn=collate_objects,
                         num_workers=loader_workers(cfg.data.num_workers),
                         generator=torch.Generator().manual_seed(p.seed))
     out.mkdir(parents=True, exist_ok=True)

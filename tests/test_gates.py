@@ -7,7 +7,7 @@ import torch
 from helpers import make_batch
 
 from lads.models import Gates
-from lads.models.gating import binary_gates
+from lads.models.gating import Relevance, binary_gates
 
 
 def is_hard(g: torch.Tensor) -> torch.Tensor:
@@ -34,7 +34,7 @@ def test_per_batch_granularity_mixes_soft_and_hard_batches():
     """Per batch: each call is wholly hard (exactly 0/1) or wholly soft, layer and filter gates
     alike (the paper's one draw n_s for both kinds), and both occur."""
     torch.manual_seed(0)
-    r = Gates(torch.randn(8, 12), torch.randn(8, 50))
+    r = Relevance(torch.randn(8, 12), torch.randn(8, 50))
     kinds = []
     for _ in range(40):
         g, soft = binary_gates(r, training=True, granularity="batch")
@@ -51,7 +51,7 @@ def test_per_batch_granularity_mixes_soft_and_hard_batches():
 
 def test_given_draw_decides_soft_or_hard():
     """A given n_s (the engine's one per optimizer step) decides: ≥ 0.5 soft, below hard."""
-    r = Gates(torch.randn(8, 12), torch.randn(8, 50))
+    r = Relevance(torch.randn(8, 12), torch.randn(8, 50))
     for n_s, hard in ((0.7, False), (0.5, False), (0.2, True)):
         g, _ = binary_gates(r, training=True, granularity="batch", n_s=n_s)
         assert bool(is_hard(g.layer).all() and is_hard(g.filter).all()) == hard
@@ -85,7 +85,7 @@ def test_engine_draws_soft_or_hard_once_per_optimizer_step(tmp_path, tiny_text_d
 def test_per_element_granularity_mixes_inside_one_batch():
     """Per element: one batch holds about half exact 0/1 gates and half fractional gates."""
     torch.manual_seed(1)
-    g, soft = binary_gates(Gates(torch.randn(16, 20), torch.randn(16, 200)), training=True, granularity="element")
+    g, soft = binary_gates(Relevance(torch.randn(16, 20), torch.randn(16, 200)), training=True, granularity="element")
     for gate, s in ((g.layer, soft.layer), (g.filter, soft.filter)):
         hard = is_hard(gate)
         assert 0.3 < hard.float().mean() < 0.7
@@ -134,7 +134,7 @@ def test_straight_through_gradient_of_hard_gate_equals_soft_gate():
     w = torch.randn(4, 30)
     for seed in range(20):
         torch.manual_seed(seed)
-        g, soft = binary_gates(Gates(r[:, :3], r), training=True, granularity="batch")
+        g, soft = binary_gates(Relevance(r[:, :3], r), training=True, granularity="batch")
         g, soft = g.filter, soft.filter
         if is_hard(g).all():
             break

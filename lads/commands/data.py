@@ -56,7 +56,7 @@ def _stats(args):
     from pathlib import Path
 
     from lads.datasets import read_dataset
-    from lads.datasets.stats import format_table, split_rows
+    from lads.datasets.summary import format_table, split_rows
     from lads.errors import LadsError
 
     if args.image_root and not Path(args.image_root).is_dir():

@@ -113,7 +113,7 @@ class GateLayout:
 
 @dataclass
 class Gates:
-    """Gates or relevance scores of a batch: ``layer`` (B, 24), ``filter`` (B, Σ c_i)."""
+    """Gates of a batch, hard (0 or 1) or soft (in [0, 1]): ``layer`` (B, n_L), ``filter`` (B, Σ c_i)."""
 
     layer: torch.Tensor
     filter: torch.Tensor
@@ -123,6 +123,19 @@ class Gates:
 
     def __len__(self) -> int:
         return self.layer.shape[0]
+
+
+@dataclass
+class Relevance:
+    """Relevance scores ``r`` of Eq. 3 of a batch, one per gate: ``layer`` (B, n_L), ``filter``
+    (B, Σ c_i); a gate is open where ``r ≥ 0``."""
+
+    layer: torch.Tensor
+    filter: torch.Tensor
+
+    def gates(self, fn) -> Gates:
+        """``Gates(fn(r_L), fn(r_C))``: σ, the threshold, or Eq. 5's straight-through gates."""
+        return Gates(fn(self.layer), fn(self.filter))
 
 
 class GatingNetwork(nn.Module):
@@ -158,7 +171,7 @@ class GatingNetwork(nn.Module):
         return scores.masked_fill(~text_mask[:, None, :], float("-inf")).softmax(-1)
 
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor):
-        """Returns relevance scores ``Gates(r_L, r_C)`` and the attention weights α over the
+        """Returns relevance scores ``Relevance(r_L, r_C)`` and the attention weights α over the
         expression's tokens (None for the static control, which reads none)."""
         static = self.constant is not None
         if static:  # one token, the same for every expression
@@ -171,7 +184,7 @@ class GatingNetwork(nn.Module):
             z = F.gelu(torch.einsum("bkd,kdh->bkh", h, self.w1) + self.b1)  # δ(W_1^i h_i)
             r_layer = torch.einsum("bgh,gh->bg", z[:, self.layer_owner], self.w2) + self.b2
             r_filter = torch.einsum("bgh,gh->bg", z[:, self.filter_owner], self.w3) + self.b3
-        return Gates(r_layer, r_filter), None if static else alpha
+        return Relevance(r_layer, r_filter), None if static else alpha
 
 
 def straight_through(r: torch.Tensor) -> torch.Tensor:
@@ -181,7 +194,7 @@ def straight_through(r: torch.Tensor) -> torch.Tensor:
     return (r >= 0).to(soft.dtype) + (soft - soft.detach())
 
 
-def binary_gates(relevance: Gates, training: bool, granularity: str = "batch",
+def binary_gates(relevance: Relevance, training: bool, granularity: str = "batch",
                  n_s: float | None = None) -> tuple[Gates, Gates]:
     """Eqs. 4-5 for both kinds of gate: returns (g, g_s), each a ``Gates``.
 
@@ -195,7 +208,7 @@ def binary_gates(relevance: Gates, training: bool, granularity: str = "batch",
     if granularity not in ("batch", "element"):
         raise LadsError(f"model.gating.granularity must be 'batch' or 'element', got {granularity!r}")
     if not training:
-        return relevance.map(lambda r: (r >= 0).to(r.dtype)), relevance.map(torch.sigmoid)
+        return relevance.gates(lambda r: (r >= 0).to(r.dtype)), relevance.gates(torch.sigmoid)
     device = relevance.layer.device
     if granularity == "element":
         n_s = None

@@ -131,7 +131,7 @@ class LADS(nn.Module):
         if gates is None and self.gating is not None:
             out["gates"], out["soft"], out["relevance"], out["alpha"] = self.gates(text, text_mask, n_s)
             if self.training:  # the FLOPs of the evaluation's gates 1[r ≥ 0], for loss.flops
-                hard = out["relevance"].map(straight_through)
+                hard = out["relevance"].gates(straight_through)
                 out["flops"] = expected_flops(hard, self.layout, self.gate_costs())
         elif gates is not None:
             check_gates(gates, self.layout, images.shape[0])
