@@ -19,7 +19,7 @@ from lads.models import Gates
 
 def test_presets_and_overrides():
     assert known_presets() == ["lads-r50", "pretrain-coco", "pretrain-mixture", "refcoco", "refcoco+", "refcoco+-ft",
-                               "refcoco-ft", "refcocog", "refcocog-ft", "referit", "referit-ft", "tiny"]
+                               "refcoco-ft", "refcocog", "refcocog-ft", "referit", "referit-ft", "tiny", "tiny-paper"]
     assert load_config("refcoco").model.image_size == 512  # a dataset preset builds on lads-r50
     cfg = load_config("tiny", ["model.fusion.num_layers=2", "model.loss.mi=0"])
     assert cfg.model.fusion.num_layers == 2 and cfg.model.loss.mi == 0.0
