@@ -159,5 +159,5 @@ def test_cli_error_is_one_line_and_exit_2():
     assert result.stderr.strip().splitlines() == [
         "lads info: error: unknown preset or config file 'nope'; "
         "known presets: lads-r50, pretrain-coco, pretrain-mixture, refcoco, refcoco+, refcoco+-ft, refcoco-ft, "
-        "refcocog, refcocog-ft, referit, referit-ft, tiny"
+        "refcocog, refcocog-ft, referit, referit-ft, tiny, tiny-paper"
     ]
