@@ -12,6 +12,10 @@ Evaluate the three on the test and held-out-combination splits, run ``predict`` 
 images, draw what the subnets do (``lads.analysis.collect``) and the learning curves, and write
 a report. A rerun reuses what is done and resumes what is not; SIGINT/SIGTERM stops the whole
 demo after the running stage's checkpoint.
+
+With ``demo.cls_steps`` (the ``tiny-paper`` preset: the paper's model, docs/design.md §5e) a dense
+stage with Eq. 9 alone comes between the two, stage 2 starts from it, and ``demo.models`` picks
+the models of stage 2.
 """
 
 from __future__ import annotations
