@@ -69,7 +69,6 @@ def run_demo(config: str = "tiny", overrides: list[str] = (), out="runs/demo", s
     start = _stage(step(), "stage 1: the dense network, shared by the models of stage 2", out / "shared", config, [
         *common, "model.dense=true", f"train.max_steps={demo.shared_steps}", f"train.max_minutes={demo.shared_minutes}",
         "train.lr_drop_epoch=1000000", "train.epochs=1000000", f"model.layer_drop_fusion={demo.layer_drop_fusion}",
-        f"model.layer_drop_visual={demo.layer_drop_visual}", f"model.filter_drop={demo.filter_drop}",
         *demo.shared_overrides])
     checkpoints = {}
     if demo.cls_steps:
@@ -121,8 +120,8 @@ def stage2_overrides(common: list[str], demo, start: Path, steps: int | None = N
     ``steps`` (default ``demo.steps``) steps within ``minutes`` (``demo.minutes``), with a short
     warm-up and the learning rates × 0.1 after ``demo.lr_drop_fraction`` of them."""
     steps, minutes = steps or demo.steps, minutes or demo.minutes
-    return [*common, f"model.init={start}", "model.layer_drop_fusion=0", "model.layer_drop_visual=0",
-            "model.filter_drop=0", f"train.max_steps={steps}", f"train.max_minutes={minutes}",
+    return [*common, f"model.init={start}", "model.layer_drop_fusion=0", f"train.max_steps={steps}",
+            f"train.max_minutes={minutes}",
             "train.epochs=1000000", f"train.warmup_epochs={demo.warmup_epochs}",
             f"train.lr_drop_fraction={demo.lr_drop_fraction}"]
 

@@ -52,13 +52,12 @@ class LADS(nn.Module):
         self.layout = GateLayout.for_model(self.visual_backbone.blocks(), f.num_layers)
         if g.granularity not in ("batch", "element"):
             raise LadsError(f"model.gating.granularity must be 'batch' or 'element', got {g.granularity!r}")
-        for key in ("layer_drop_fusion", "layer_drop_visual", "filter_drop"):
-            p = getattr(config, key)
-            if not 0 <= p < 1:
-                raise LadsError(f"model.{key} must be a probability from 0 to below 1, got {p!r}")
-            if p and not config.dense:
-                raise LadsError(f"model.{key} is for the dense network (model.dense=true); a LADS "
-                                "model's own gates skip its layers and filters")
+        p = config.layer_drop_fusion
+        if not 0 <= p < 1:
+            raise LadsError(f"model.layer_drop_fusion must be a probability from 0 to below 1, got {p!r}")
+        if p and not config.dense:
+            raise LadsError("model.layer_drop_fusion is for the dense network (model.dense=true); a LADS "
+                            "model's own gates skip its layers")
         self.gating = None if config.dense else GatingNetwork(
             self.layout, self.text_backbone.hidden_size, g.hidden, g.bias_init, g.static
         )
@@ -135,25 +134,21 @@ class LADS(nn.Module):
                 out["flops"] = expected_flops(hard, self.layout, self.gate_costs())
         elif gates is not None:
             check_gates(gates, self.layout, images.shape[0])
-        elif self.training and (self.config.layer_drop_fusion or self.config.layer_drop_visual
-                                or self.config.filter_drop):
+        elif self.training and self.config.layer_drop_fusion:
             out["gates"] = self.layer_drop(images.shape[0], images.device)
         out.update(self.ground(images, pixel_mask, text, text_mask, out["gates"]))
         return out
 
     def layer_drop(self, batch: int, device) -> Gates:
         """LayerDrop (Fan et al., ICLR 2020) for the dense network in training: each fusion
-        sublayer is skipped with probability ``model.layer_drop_fusion``, each gated visual
-        bottleneck with ``model.layer_drop_visual``, and each filter with ``model.filter_drop``,
-        independently per expression. A network trained so still works with layers and filters
-        removed, which is what the gates of a LADS model started from it will do (docs/design.md
-        §5a, §5c)."""
-        c = self.config
-        p = torch.tensor([c.layer_drop_visual if owner < self.layout.num_visual else c.layer_drop_fusion
+        sublayer is skipped with probability ``model.layer_drop_fusion``, independently per
+        expression; every bottleneck and filter runs. A network trained so still works with fusion
+        sublayers removed, which is what the gates of a LADS model started from it will do
+        (docs/design.md §5a)."""
+        p = torch.tensor([0.0 if owner < self.layout.num_visual else self.config.layer_drop_fusion
                           for owner in self.layout.layer_owner], device=device)
         keep = torch.rand(batch, self.layout.num_layer_gates, device=device) >= p
-        filters = torch.rand(batch, self.layout.num_filter_gates, device=device) >= c.filter_drop
-        return Gates(keep.float(), filters.float())
+        return Gates(keep.float(), torch.ones(batch, self.layout.num_filter_gates, device=device))
 
     def gate_costs(self, text_len: int = 10) -> dict:
         """FLOPs as a linear function of the gates at ``image_size`` and ``text_len`` tokens
