@@ -342,8 +342,9 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a section (an object), got {data!r}")
     data = dict(data)
-    for key in [k for k in data if f"{where}.{k}".removeprefix("config.") in RETIRED]:
-        retired, value = RETIRED[f"{where}.{key}".removeprefix("config.")], data.pop(key)
+    section = where.removeprefix("config").removeprefix(".")
+    for key in [k for k in data if f"{section}.{k}" in RETIRED]:
+        retired, value = RETIRED[f"{section}.{key}"], data.pop(key)
         if value != retired:
             raise ConfigError(f"{where}.{key} was removed (measured and not kept: docs/experiments.md); "
                               f"only its value {retired} can still be read, got {value!r}")
