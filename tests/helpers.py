@@ -35,6 +35,13 @@ def engine_overrides(text_dir: str, data: str, out) -> list[str]:
     ]
 
 
+SMALL_DEMO = [  # `lads demo` in seconds (the text encoder: ``model.text.name`` on top)
+    "demo.images=24", "demo.shared_steps=3", "demo.steps=2", "pretrain.steps=2", "pretrain.batch_size=4",
+    "model.image_size=64", "model.visual.width=8", "model.fusion.d_model=32", "model.fusion.num_heads=2",
+    "model.fusion.ffn_dim=64", "model.fusion.num_layers=2", "model.gating.hidden=8", "model.text.num_layers=2",
+    "train.batch_size=4", "train.micro_batch=4", "train.eval_every=0.5", "demo.fit_to_machine=false"]
+
+
 def queries_by_image(data: str, split: str | None) -> list[tuple[str, list[str]]]:
     """(image, expressions) of a dataset's split (None: all), in the data's order."""
     from lads.datasets import load_records

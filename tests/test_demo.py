@@ -11,24 +11,20 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import SMALL_DEMO
 
 from lads.cli import main as lads_main
 from lads.config import DemoConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SMALL = ["demo.images=24", "demo.shared_steps=3", "demo.steps=2", "pretrain.steps=2",
-         "pretrain.batch_size=4", "model.image_size=64", "model.visual.width=8", "model.fusion.d_model=32",
-         "model.fusion.num_heads=2", "model.fusion.ffn_dim=64", "model.fusion.num_layers=2",
-         "model.gating.hidden=8", "model.text.num_layers=2", "train.batch_size=4", "train.micro_batch=4",
-         "train.eval_every=0.5", "demo.fit_to_machine=false"]
 
 
 @pytest.mark.slow
 def test_demo_end_to_end_then_rerun_reuses(tmp_path, tiny_text_dir, capsys):
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out)]
-    for o in [*SMALL, f"model.text.name={tiny_text_dir}"]:
+    for o in [*SMALL_DEMO, f"model.text.name={tiny_text_dir}"]:
         args += ["--set", o]
     assert lads_main(args) == 0
     report = (out / "report.md").read_text()
@@ -75,7 +71,7 @@ def test_paper_recipe_trains_eq9_alone_then_lads_from_it(tmp_path, tiny_text_dir
 
     out = tmp_path / "paper"
     args = ["demo", "--config", "tiny-paper", "--out", str(out)]
-    for o in [*SMALL, "demo.cls_steps=2", f"model.text.name={tiny_text_dir}"]:
+    for o in [*SMALL_DEMO, "demo.cls_steps=2", f"model.text.name={tiny_text_dir}"]:
         args += ["--set", o]
     assert lads_main(args) == 0
     config = {run: json.loads((out / run / "checkpoint" / "config.json").read_text())["model"]
@@ -100,7 +96,7 @@ def test_paper_recipe_trains_eq9_alone_then_lads_from_it(tmp_path, tiny_text_dir
 @pytest.mark.slow
 def test_a_signal_stops_the_whole_demo_and_a_rerun_resumes_it(tmp_path, tiny_text_dir):
     out = tmp_path / "demo"
-    overrides = [*SMALL, "demo.shared_steps=100000", "demo.shared_minutes=0.5", f"model.text.name={tiny_text_dir}"]
+    overrides = [*SMALL_DEMO, "demo.shared_steps=100000", "demo.shared_minutes=0.5", f"model.text.name={tiny_text_dir}"]
     command = [sys.executable, "-m", "lads.cli", "demo", "--out", str(out), *sum((["--set", o] for o in overrides), [])]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -129,7 +125,7 @@ def test_step_budget_is_fitted_to_the_machine_within_bounds(tmp_path, tiny_text_
     the factor is clamped, so the steps are known: the preset's × the bound, rounded."""
     from lads.demo import step_budget
 
-    overrides = [o for o in SMALL if not o.startswith("demo.fit")] + [
+    overrides = [o for o in SMALL_DEMO if not o.startswith("demo.fit")] + [
         f"model.text.name={tiny_text_dir}", f"data.path={synth_data}", "demo.shared_steps=40",
         "demo.steps=20", "pretrain.steps=12", f"demo.reference_step_s={reference}"]
     budget = step_budget(tmp_path, "tiny", overrides)
