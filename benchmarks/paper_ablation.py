@@ -88,8 +88,8 @@ def report(work: Path, out: Path) -> None:
     for arm, s in done.items():
         val = " / ".join(f"{v} ({step})" for step, v in (s["last_val"].get(k, ("–", "–")) for k in STAGES))
         dense = s["dense_eq9_test"] if s["dense_eq9_test"] is not None else "–"
-        lines.append(f"| {arm} | {ARMS[arm][0]} | {s['test']} | {s['heldout']} | {s['flops_kept']:.0%} | {dense} | "
-                     f"{val} |")
+        flops = f"{100 * s['flops_kept']:.0f} %"
+        lines.append(f"| {arm} | {ARMS[arm][0]} | {s['test']:.2f} | {s['heldout']:.2f} | {flops} | {dense} | {val} |")
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     (out / "ablation.json").write_text(json.dumps(done, indent=2))
@@ -103,8 +103,9 @@ def report(work: Path, out: Path) -> None:
                 _, config, meta = read_meta(work / arm / stage / "checkpoint")
                 seen += meta["step"] * config["train"]["batch_size"] / 1000
     exact_from_start = {k: v for k, v in logs.items() if not k.endswith(": 1") or k.startswith("exact:")}
-    plot_curves(exact_from_start, out / "curves.png",
-                title="tiny-paper, one means at a time: val Prec@0.5", batch=config["train"]["batch_size"])
+    colours = {k: list(done).index(k.split(":")[0]) for k in exact_from_start}
+    plot_curves(exact_from_start, out / "curves.png", title="tiny-paper, one means at a time: val Prec@0.5",
+                batch=config["train"]["batch_size"], colours=colours)
     print("\n".join(lines))
 
 

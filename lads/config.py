@@ -177,6 +177,7 @@ class PretrainConfig:
     max_minutes: float = 4.0
     batch_size: int = 32
     lr: float = 5e-4
+    warmup_steps: int = 0  # the learning rate rises linearly over these first steps
     weight_decay: float = 1e-4
     hue: float = 0.0  # probability of a random hue rotation of an image (its colour labels then ignored)
     init: Optional[str] = None  # start from these weights (e.g. torchvision's ImageNet ResNet-50), path or URL

@@ -223,7 +223,7 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from lads.engine import MetricLog
+    from lads.engine import MetricLog, lr_factor
 
     p, v = cfg.pretrain, cfg.model.visual
     out = Path(p.out)
@@ -256,6 +256,7 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
     head.to(device)
     params = [*backbone.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, p.warmup_steps, p.steps + 1))
     scaler = grad_scaler(device, amp)
     loader = DataLoader(dataset, p.batch_size, shuffle=True, drop_last=True, collate_fn=collate_objects,
                         num_workers=loader_workers(cfg.data.num_workers),
@@ -278,16 +279,18 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
             targets = [t.to(device) for t in centre_targets(objects, features.shape[-1], len(dataset.heads))]
             terms = centre_loss(prediction.float(), *targets, dataset.num_classes)
             optimizer.zero_grad(set_to_none=True)
+            lr = optimizer.param_groups[0]["lr"]
             scaler.scale(terms["loss"]).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             scaler.step(optimizer)
             scaler.update()
+            scheduler.step()
             step += 1
             bar.update(1)
             if step % cfg.train.log_every == 0:
                 record = {"step": step, **{names.get(k, k): round(t.item(), 4) for k, t in terms.items()},
-                          "elapsed_s": round(time.time() - start, 1)}
+                          "lr": lr, "elapsed_s": round(time.time() - start, 1)}
                 log.write(record)
                 bar.set_postfix(loss=f"{terms['loss'].item():.3f}")
             if done():
@@ -299,7 +302,7 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
     save_file({k: t.detach().cpu().contiguous() for k, t in backbone.state_dict().items()}, str(tmp),
               metadata=provenance.to_metadata())
     os.replace(tmp, weights)
-    meta = {"steps": step, "max_steps": p.steps, "batch_size": p.batch_size,
+    meta = {"steps": step, "max_steps": p.steps, "batch_size": p.batch_size, "lr": p.lr, "warmup_steps": p.warmup_steps,
             "minutes": round((time.time() - start) / 60, 2), "data": str(cfg.data.path),
             "images": len(dataset), "amp": amp, "width": v.width, "dilation": v.dilation,
             "image_size": cfg.model.image_size,

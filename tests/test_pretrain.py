@@ -109,6 +109,17 @@ def test_pretraining_learns_and_its_weights_load(synth_data, tmp_path, tiny_text
         build_model("tiny", [*common[:-2], "model.visual.width=16", f"model.visual.pretrained={weights}"])
 
 
+def test_pretraining_warms_the_learning_rate_up(synth_data, tmp_path):
+    cfg = load_config("tiny", [
+        f"data.path={synth_data}", "data.num_workers=0", "model.image_size=64", "model.visual.width=8",
+        "pretrain.steps=6", "pretrain.batch_size=4", "pretrain.lr=2e-3", "pretrain.warmup_steps=4",
+        f"pretrain.out={tmp_path / 'pre'}", "train.log_every=1",
+    ])
+    pretrain(cfg, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "pre" / "log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in log] == pytest.approx([5e-4, 1e-3, 1.5e-3, 2e-3, 2e-3, 2e-3])
+
+
 def test_pretraining_bad_data(tmp_path, synth_data):
     with pytest.raises(LadsError, match="needs a REFER folder"):
         ObjectScenes(tmp_path, "train", 64)

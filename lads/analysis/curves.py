@@ -41,11 +41,13 @@ def read_curve(log: Path, split: str = "val", batch: int | None = None) -> dict[
     return series
 
 
-def plot_curves(logs: dict, path, split: str = "val", title: str | None = None, batch: int | None = None) -> Path:
+def plot_curves(logs: dict, path, split: str = "val", title: str | None = None, batch: int | None = None,
+                colours: dict | None = None) -> Path:
     """One solid line per run (its inference head) and, for a run with two heads, a dashed one
     for the other head. ``logs``: name -> ``log.jsonl``, or (``log.jsonl``, x to shift it by, for
     a run that started from another's weights); x in training minutes, or with ``batch`` (samples
-    per step) in thousands of samples seen."""
+    per step) in thousands of samples seen; ``colours``: name -> colour index, for runs that share
+    one (the stages of one schedule), else one per run."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, (name, log) in enumerate(logs.items()):
         log, offset = log if isinstance(log, tuple) else (log, 0.0)
@@ -57,7 +59,7 @@ def plot_curves(logs: dict, path, split: str = "val", title: str | None = None, 
         lines += [(h, "s--", f"{name}, {HEADS[h]}") for h in HEADS if h in series and h != used]
         for key, style, label in lines:
             xs, ys = zip(*series[key])
-            ax.plot(xs, ys, style, color=f"C{i}", markersize=3, label=label)
+            ax.plot(xs, ys, style, color=f"C{(colours or {}).get(name, i)}", markersize=3, label=label)
     ax.set_xlabel("thousands of training samples seen" if batch else "training minutes (evaluation excluded)")
     ax.set_ylabel(f"{split} Prec@0.5 (%)")
     ax.set_ylim(0, 100)
