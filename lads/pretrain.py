@@ -256,7 +256,8 @@ def pretrain(cfg: Config, progress: bool = True) -> Path:
     head.to(device)
     params = [*backbone.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, p.warmup_steps, p.steps + 1))
+    no_drop = p.steps + 1
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, p.warmup_steps, no_drop))
     scaler = grad_scaler(device, amp)
     loader = DataLoader(dataset, p.batch_size, shuffle=True, drop_last=True, collate_fn=collate_objects,
                         num_workers=loader_workers(cfg.data.num_workers),
