@@ -80,6 +80,7 @@ def test_paper_recipe_trains_eq9_alone_then_lads_from_it(tmp_path, tiny_text_dir
     assert config["eq9"]["dense"] and config["eq9"]["init"] == str(out / "shared" / "checkpoint")
     assert not config["lads"]["dense"] and config["lads"]["init"] == str(out / "eq9" / "checkpoint")
     assert config["lads"]["head"] == "cls" and config["lads"]["loss"]["flops_target"] == 0.7
+    assert config["shared"]["layer_drop_fusion"] == 0  # without LayerDrop: +6 points for the [CLS] head
     with safe_open(str(out / "lads" / "checkpoint" / "model.safetensors"), "pt") as f:
         assert not any(k.startswith("token_head.") for k in f.keys())  # the paper's model, its own head
     assert not (out / "static").exists() and not (out / "dense").exists()
