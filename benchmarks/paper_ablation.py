@@ -1,12 +1,12 @@
 """What each training means of the paper's recipe buys, at one budget (docs/design.md §5e).
 
 The recipe is ``lads demo --config tiny-paper``: stage 1 dense with the token head as a
-training-only teacher and LayerDrop, stage 1b dense with Eq. 9 alone, stage 2 LADS from it; the
-evaluated model is the paper's (the ``[CLS]`` head, Eq. 5's hard gates). Each arm takes one means
-away and keeps the number of training steps (tiny-paper's: 3,036 of 32 after the pre-training):
+training-only teacher, stage 1b dense with Eq. 9 alone, stage 2 LADS from it; the evaluated model
+is the paper's (the ``[CLS]`` head, Eq. 5's hard gates). Each arm changes one thing and keeps the
+number of training steps (tiny-paper's: 3,036 of 32 after the pre-training):
 
-- ``exact``: no token teacher in stage 1, so Eq. 9 as written in every stage (LayerDrop kept);
-- ``no-layerdrop``: stage 1 without LayerDrop;
+- ``exact``: no token teacher in stage 1, so Eq. 9 as written in every stage;
+- ``layerdrop``: stage 1 with ``tiny``'s LayerDrop (the recipe dropped it at ceac671);
 - ``no-eq9-stage``: the gates join straight after stage 1 (stage 2 takes stage 1b's steps too).
 
 Every arm is a whole ``lads demo`` run in ``--work/<arm>`` that starts from the recipe arm's data
@@ -32,7 +32,7 @@ import os
 from pathlib import Path
 
 from lads.analysis.curves import plot_curves
-from lads.config import load_config
+from lads.config import DemoConfig, load_config
 from lads.demo import run_demo
 from lads.util.checkpoint import read_meta
 
@@ -41,7 +41,8 @@ ARMS = {  # name: (what it takes away, its overrides given the recipe's demo con
     "recipe": ("nothing (the recipe)", lambda demo: [], ()),
     "exact": ("the token teacher in stage 1: Eq. 9 as written throughout",
               lambda demo: ["demo.shared_overrides=[]"], ()),
-    "no-layerdrop": ("LayerDrop in stage 1", lambda demo: ["demo.layer_drop_fusion=0"], ()),
+    "layerdrop": ("nothing: adds tiny's LayerDrop to stage 1",
+                  lambda demo: [f"demo.layer_drop_fusion={DemoConfig().layer_drop_fusion}"], ()),
     "no-eq9-stage": ("the dense Eq. 9 stage: the gates join after stage 1, for its steps too",
                      lambda demo: ["demo.cls_steps=0", f"demo.steps={demo.cls_steps + demo.steps}",
                                    f"demo.minutes={demo.cls_minutes + demo.minutes}"], ("shared",)),
@@ -77,8 +78,10 @@ def summary(out: Path) -> dict:
             "dense_eq9_test": round(dense["test"]["prec@0.5"], 2) if dense else None, "last_val": last_val}
 
 
-def report(work: Path, out: Path) -> None:
+def report(work: Path, out: Path, batch: int) -> None:
     done = {arm: summary(work / arm) for arm in ARMS if (work / arm / "results.json").exists()}
+    if not done:
+        raise SystemExit(f"{work}: no arm has finished; nothing to tabulate")
     lines = ["# The paper's recipe, one means at a time", "",
              "`lads demo --config tiny-paper`, each arm taking one means away at the same steps "
              "(benchmarks/paper_ablation.py). LADS with the paper's `[CLS]` head, extracted subnets; "
@@ -102,10 +105,10 @@ def report(work: Path, out: Path) -> None:
                 logs[f"{arm}: {label}"] = (log, seen)
                 _, config, meta = read_meta(work / arm / stage / "checkpoint")
                 seen += meta["step"] * config["train"]["batch_size"] / 1000
-    exact_from_start = {k: v for k, v in logs.items() if not k.endswith(": 1") or k.startswith("exact:")}
-    colours = {k: list(done).index(k.split(":")[0]) for k in exact_from_start}
-    plot_curves(exact_from_start, out / "curves.png", title="tiny-paper, one means at a time: val Prec@0.5",
-                batch=config["train"]["batch_size"], colours=colours)
+    shown = {k: v for k, v in logs.items() if not k.endswith(": 1") or k.startswith("exact:")}
+    colours = {k: list(done).index(k.split(":")[0]) for k in shown}
+    plot_curves(shown, out / "curves.png", title="tiny-paper, one means at a time: val Prec@0.5", batch=batch,
+                colours=colours)
     print("\n".join(lines))
 
 
@@ -129,9 +132,9 @@ def main() -> None:
             continue
         if arm != "recipe" and not (recipe / "pretrain" / "meta.json").exists():
             raise SystemExit(f"{recipe}: no finished pre-training; run the recipe arm first, or pass --recipe")
-        run_demo("tiny-paper", [*args.set, *ARMS[arm][1](cfg.demo)], out=work / arm if arm == "recipe" else
-                 prepare(work, recipe, arm))
-    report(work, Path(args.out))
+        out = work / arm if arm == "recipe" else prepare(work, recipe, arm)
+        run_demo("tiny-paper", [*args.set, *ARMS[arm][1](cfg.demo)], out=out)
+    report(work, Path(args.out), cfg.train.batch_size)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from lads.config import DemoConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
 @pytest.mark.slow
 def test_demo_end_to_end_then_rerun_reuses(tmp_path, tiny_text_dir, capsys):
     out = tmp_path / "demo"
