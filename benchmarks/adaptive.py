@@ -43,6 +43,19 @@ ARMS = {  # name: (what it is, overrides on top of stage 2's)
 }
 
 
+def define_arms(specs: list[list[str]]) -> None:
+    """Adds to ``ARMS`` the arms of ``--arm``: each a name, the arm it builds on and overrides."""
+    for spec in specs:
+        if len(spec) < 2:
+            raise ValueError(f"--arm {' '.join(spec)}: give a name and the arm it builds on")
+        name, base, *more = spec
+        if base not in ARMS:
+            raise ValueError(f"--arm {name}: no arm {base!r} to build on (one of {', '.join(ARMS)})")
+        if name in ARMS:
+            raise ValueError(f"--arm {name}: an arm of that name exists already")
+        ARMS[name] = (f"{ARMS[base][0]}, {', '.join(more) or 'as it is'}", [*ARMS[base][1], *more])
+
+
 def run_arm(name: str, overrides: list[str], args) -> Path:
     run = Path(args.work) / name
     meta = run / "checkpoint" / "meta.json"
@@ -91,7 +104,11 @@ def markdown(rows: list[dict], split: str) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", required=True, help="a demo folder with stage 1 finished")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS),
+                        help="arms defined here (default: all; none with --arm alone)")
+    parser.add_argument("--arm", nargs="+", action="append", default=[], metavar=("NAME BASE", "KEY=VALUE"),
+                        help="one more arm: its name, the arm it builds on and its overrides "
+                             "(e.g. --arm mi3-frozen-bn mi3 model.visual.norm=frozen); repeatable")
     parser.add_argument("--split", default="val")
     parser.add_argument("--set", nargs="*", default=[], help="overrides for every arm (e.g. demo.steps=360)")
     parser.add_argument("--work", default="runs/adaptive")
@@ -99,8 +116,12 @@ def main():
                         help="folder for adaptive.md and adaptive.json "
                              "(benchmarks/results/adaptive/MACHINE-DATE-COMMIT)")
     args = parser.parse_args()
+    try:
+        define_arms(args.arm)
+    except ValueError as e:
+        parser.error(str(e))
     rows = []
-    for name in args.arms:
+    for name in [*args.arms, *(a[0] for a in args.arm)]:
         rows.append(measure(name, run_arm(name, ARMS[name][1], args), args))
         print(markdown(rows, args.split), flush=True)
     out = Path(args.out)

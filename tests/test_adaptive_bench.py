@@ -1,0 +1,37 @@
+"""benchmarks/adaptive.py: arms defined on the command line (``--arm NAME BASE KEY=VALUE ...``)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "adaptive.py"
+
+
+@pytest.fixture
+def adaptive():
+    """The benchmark's module, loaded afresh (``define_arms`` adds to its ``ARMS``)."""
+    spec = importlib.util.spec_from_file_location("adaptive_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_an_arm_builds_on_another(adaptive):
+    adaptive.define_arms([["mi3-frozen-bn", "mi3", "model.visual.norm=frozen"], ["again", "static"]])
+    what, overrides = adaptive.ARMS["mi3-frozen-bn"]
+    assert overrides == [*adaptive.ARMS["mi3"][1], "model.visual.norm=frozen"]
+    assert what.startswith(adaptive.ARMS["mi3"][0]) and "model.visual.norm=frozen" in what
+    assert adaptive.ARMS["again"][1] == adaptive.ARMS["static"][1]
+
+
+@pytest.mark.parametrize("spec, words", [
+    (["alone"], "a name and the arm it builds on"),
+    (["x", "nonsense", "model.loss.mi=1"], "no arm 'nonsense'"),
+    (["lads", "static"], "exists already"),
+])
+def test_a_bad_arm_is_named(adaptive, spec, words):
+    with pytest.raises(ValueError, match=words):
+        adaptive.define_arms([spec])
