@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "adaptive.py"
+from helpers import load_benchmark
 
 
 @pytest.fixture
 def adaptive():
     """The benchmark's module, loaded afresh (``define_arms`` adds to its ``ARMS``)."""
-    spec = importlib.util.spec_from_file_location("adaptive_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("adaptive")
 
 
 def test_an_arm_builds_on_another(adaptive):

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-from helpers import engine_overrides
+from helpers import BENCHMARKS, engine_overrides
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "head_probe.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("head_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = BENCHMARKS / "head_probe.py"
 
 
 def test_short_run_writes_three_probes(tmp_path, tiny_text_dir, synth_data):

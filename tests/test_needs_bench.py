@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import BENCHMARKS, load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "needs.py"
+SCRIPT = BENCHMARKS / "needs.py"
 
 
 @pytest.fixture(scope="module")
 def needs():
-    spec = importlib.util.spec_from_file_location("needs_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("needs")
 
 
 def test_drops_correlations_and_cheapest_layers(needs):
