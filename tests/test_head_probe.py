@@ -1,4 +1,4 @@
-"""benchmarks/head_probe.py: the cell indexing by hand, and a short run end to end."""
+"""benchmarks/head_probe.py: a short run end to end."""
 
 from __future__ import annotations
 
