@@ -8,10 +8,13 @@ type) and its subnets counted there (``stats.dynamicity``: layers varying, never
 filters varying, FLOPs mean and spread).
 
     python benchmarks/adaptive.py --demo runs/demo --arms lads static dense mi3 \\
+        --set demo.minutes=30 \\
         --out benchmarks/results/adaptive/<machine>-<date>-<commit>
 
 ``--demo`` is a finished (or at least stage-1-finished) demo folder: its data, pre-trained
-backbone and stage-1 checkpoint. Runs go to ``--work`` (default ``runs/adaptive``); a rerun skips
+backbone and stage-1 checkpoint. Each arm keeps the demo's cap in minutes (``demo.minutes``): raise it
+(``--set demo.minutes=30``) so that every arm trains its steps; the table gives the steps each
+arm reached and marks an arm the cap stopped. Runs go to ``--work`` (default ``runs/adaptive``); a rerun skips
 the arms whose run finished. Writes ``adaptive.md`` and ``adaptive.json`` to ``--out``.
 """
 
@@ -73,8 +76,10 @@ def run_arm(name: str, overrides: list[str], args) -> Path:
 def measure(name: str, checkpoint: Path, args) -> dict:
     row = evaluate_checkpoints([checkpoint], str(Path(args.demo) / "data"), [args.split])[0]
     result = row["splits"][args.split]
-    out = {"arm": name, "what": ARMS[name][0], "prec@0.5": result["prec@0.5"],
-           "by_type": result.get("prec@0.5_by_type", {}), "flops_kept": result["flops_kept"]}
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    out = {"arm": name, "what": ARMS[name][0], "steps": meta["step"], "stopped": meta["reason"],
+           "prec@0.5": result["prec@0.5"], "by_type": result.get("prec@0.5_by_type", {}),
+           "flops_kept": result["flops_kept"]}
     model = LADS.from_pretrained(checkpoint)
     if model.gating is not None:
         records, _ = load_records(Path(args.demo) / "data", args.split)
@@ -87,15 +92,16 @@ def measure(name: str, checkpoint: Path, args) -> dict:
 
 def markdown(rows: list[dict], split: str) -> str:
     types = sorted({t for r in rows for t in r["by_type"]})
-    lines = [f"| arm | {split} Prec@0.5 | " + " | ".join(types) + " | layers varying | never | filters varying "
-             "| filters never | FLOPs mean ± std | FLOPs by type |",
-             "|---|---|" + "---|" * len(types) + "---|---|---|---|---|---|"]
+    lines = [f"| arm | steps | {split} Prec@0.5 | " + " | ".join(types) + " | layers varying | never "
+             "| filters varying | filters never | FLOPs mean ± std | FLOPs by type |",
+             "|---|---|---|" + "---|" * len(types) + "---|---|---|---|---|---|"]
     for r in rows:
         d = r.get("dynamicity")
         dyn = (f"{d['layers_varying']} | {d['layers_never']} | {d['filters_varying_fraction']:.2f} | "
                f"{d['filters_never_fraction']:.3f} | {d['flops']['mean']:.2f} ± {d['flops']['std']:.2f} | "
                + " / ".join(f"{r['flops_by_type'][t]:.2f}" for t in types)) if d else "– | – | – | – | 1.00 | –"
-        lines.append(f"| {r['what']} | {r['prec@0.5']:.2f} | "
+        steps = f"{r['steps']}{' (time cap)' if r['stopped'] == 'time budget' else ''}" if "steps" in r else "–"
+        lines.append(f"| {r['what']} | {steps} | {r['prec@0.5']:.2f} | "
                      + " | ".join(f"{r['by_type'].get(t, 0):.1f}" for t in types)
                      + f" | {dyn} |")
     return "\n".join(lines)
@@ -104,8 +110,8 @@ def markdown(rows: list[dict], split: str) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", required=True, help="a demo folder with stage 1 finished")
-    parser.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS),
-                        help="arms defined here (default: all; none with --arm alone)")
+    parser.add_argument("--arms", nargs="*", choices=list(ARMS),
+                        help="arms defined here (default: all of them, or none where --arm is given)")
     parser.add_argument("--arm", nargs="+", action="append", default=[], metavar=("NAME BASE", "KEY=VALUE"),
                         help="one more arm: its name, the arm it builds on and its overrides "
                              "(e.g. --arm mi3-frozen-bn mi3 model.visual.norm=frozen); repeatable")
@@ -116,6 +122,8 @@ def main():
                         help="folder for adaptive.md and adaptive.json "
                              "(benchmarks/results/adaptive/MACHINE-DATE-COMMIT)")
     args = parser.parse_args()
+    if args.arms is None:
+        args.arms = [] if args.arm else list(ARMS)
     try:
         define_arms(args.arm)
     except ValueError as e:

@@ -28,3 +28,14 @@ def test_an_arm_builds_on_another(adaptive):
 def test_a_bad_arm_is_named(adaptive, spec, words):
     with pytest.raises(ValueError, match=words):
         adaptive.define_arms([spec])
+
+
+def test_the_table_marks_an_arm_its_time_cap_stopped(adaptive):
+    dynamicity = {"layers_varying": 2, "layers_never": 8, "filters_varying_fraction": 0.17,
+                  "filters_never_fraction": 0.001, "flops": {"mean": 0.58, "std": 0.02}}
+    rows = [{"what": "LADS", "steps": 547, "stopped": "time budget", "prec@0.5": 80.5, "by_type": {"spatial": 54.8},
+             "dynamicity": dynamicity, "flops_by_type": {"spatial": 0.56}},
+            {"what": "dense", "steps": 648, "stopped": "finished", "prec@0.5": 81.29, "by_type": {"spatial": 54.8}}]
+    lads, dense = adaptive.markdown(rows, "val").splitlines()[2:]
+    assert lads.startswith("| LADS | 547 (time cap) | 80.50 | 54.8 | 2 | 8 | 0.17 | 0.001 | 0.58 ± 0.02 | 0.56 |")
+    assert dense.startswith("| dense | 648 | 81.29 | 54.8 | – |")
