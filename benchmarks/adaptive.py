@@ -35,6 +35,7 @@ from lads.demo import STAGE2, stage2_overrides
 from lads.engine import train
 from lads.evaluation import evaluate_checkpoints
 from lads.models import LADS
+from lads.util.checkpoint import read_meta
 from lads.util.dist import device_name, local_device
 
 ARMS = {  # name: (what it is, overrides on top of stage 2's)
@@ -76,7 +77,7 @@ def run_arm(name: str, overrides: list[str], args) -> Path:
 def measure(name: str, checkpoint: Path, args) -> dict:
     row = evaluate_checkpoints([checkpoint], str(Path(args.demo) / "data"), [args.split])[0]
     result = row["splits"][args.split]
-    meta = json.loads((checkpoint / "meta.json").read_text())
+    _, _, meta = read_meta(checkpoint)
     out = {"arm": name, "what": ARMS[name][0], "steps": meta["step"], "stopped": meta["reason"],
            "prec@0.5": result["prec@0.5"], "by_type": result.get("prec@0.5_by_type", {}),
            "flops_kept": result["flops_kept"]}

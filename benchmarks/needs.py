@@ -66,10 +66,10 @@ def correct_by_arm(model, dataset, batch_size: int = 64) -> tuple[list[str], np.
             names = [name for name, _ in arms]
             flops = [expected_flops(gates.map(lambda g: g[:1].float().cpu()), model.layout, model.gate_costs(10)).item()
                      for _, gates in arms]
+        text, text_mask = model.encode_text(batch["input_ids"], batch["attention_mask"])  # once for every arm
         rows = []
         for _, gates in arms:
-            boxes = model(batch["image"], batch["pixel_mask"], batch["input_ids"], batch["attention_mask"],
-                          gates=gates)["boxes"]
+            boxes = model.ground(batch["image"], batch["pixel_mask"], text, text_mask, gates)["boxes"]
             rows.append([box_iou(box_to_original(boxes[j].float().cpu(), meta),
                                  torch.tensor(meta["record"].box, dtype=torch.float32)).item() >= 0.5
                          for j, meta in enumerate(batch["meta"])])
