@@ -46,10 +46,10 @@ def dataset(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- the resolver
 
-SIZES = ("small", "large")
+SIZES = ("small", "large", "huge")
 SUPERLATIVES = {"leftmost": "left", "rightmost": "right", "topmost": "top", "bottommost": "bottom"}
 ORDINALS = {"second": 2, "third": 3}
-RELATION = re.compile(r"^the (.+) (left of|right of|above|below) the (.+)$")
+RELATION = re.compile(r"^the (.+?) (left of|right of|above|below) (the .+)$")  # the first relation
 FLIPPED = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}
 
 
@@ -97,14 +97,19 @@ def resolve(sent, objects, colours, shapes, margin):
     relational = RELATION.match(sent)
     if relational:
         first, relation, second = relational.groups()
-        anchors = matching(objects, parse_phrase(second.split(), colours, shapes))
+        chained = RELATION.match(second)  # the anchor named by a relation of its own
+        if chained:
+            anchors = resolve(second, objects, colours, shapes, margin)[1]
+        else:
+            anchors = matching(objects, parse_phrase(second.split()[1:], colours, shapes))
+        form = "chained" if chained else "relational"
         if len(anchors) != 1:
-            return "relational", []
+            return form, []
         direction = {"left of": "left", "right of": "right", "above": "top", "below": "bottom"}[relation]
         candidates = [o for o in matching(objects, parse_phrase(first.split(), colours, shapes)) if o is not anchors[0]]
         if any(0 < before(o, anchors[0], direction) < margin for o in candidates):
-            return "relational", []  # too close to call
-        return "relational", [o for o in candidates if before(o, anchors[0], direction) >= margin]
+            return form, []  # too close to call
+        return form, [o for o in candidates if before(o, anchors[0], direction) >= margin]
     if words[1] in SUPERLATIVES:
         direction, rank, phrase = SUPERLATIVES[words[1]], 1, words[2:]
     elif words[1] in ORDINALS:
@@ -112,7 +117,8 @@ def resolve(sent, objects, colours, shapes, margin):
         direction, rank, phrase = words[-1], ORDINALS[words[1]], words[2:-3]
     else:
         phrase = parse_phrase(words[1:], colours, shapes)
-        return ("category" if phrase[:2] == (None, None) else "attribute"), matching(objects, phrase)
+        form = "category" if phrase[:2] == (None, None) else "colour" if phrase[2] is None else "attribute"
+        return form, matching(objects, phrase)
     group = matching(objects, parse_phrase(phrase, colours, shapes))
     fits = []
     for o in group:
@@ -195,7 +201,11 @@ def test_scene_contents(dataset):
     assert min(counts) >= 3 and max(counts) <= 8
     attributes = Counter(tuple(a["attributes"].values()) for a in instances["annotations"])
     assert len({(a["shape"], a["colour"]) for a in (a["attributes"] for a in instances["annotations"])}) == 36
-    assert {a["attributes"]["size"] for a in instances["annotations"]} == {"small", "large"}
+    sizes = Counter(a["attributes"]["size"] for a in instances["annotations"])
+    assert set(sizes) == {"small", "large", "huge"}
+    huge = Counter(a["image_id"] for a in instances["annotations"] if a["attributes"]["size"] == "huge")
+    assert max(huge.values()) == 1  # at most one a scene
+    assert abs(len(huge) / len(instances["images"]) - synth.HUGE_PROB) < 0.1
     assert len(attributes) >= 60
     assert len({(im["width"], im["height"]) for im in instances["images"]}) > 20
 

@@ -8,15 +8,17 @@
 
 Scenes. 3 to 8 objects on a low-saturation textured background (gradient, stripes or blocky
 noise). An object is one of ``SHAPES`` (the COCO category) in one of ``COLOURS``, ``small`` or
-``large``; colours are flat and saturated, backgrounds never are. Objects overlap now and then,
-but each keeps at least ``MIN_VISIBLE`` of its pixels. A box is the tight box of the object's
-visible pixels, COCO ``[x, y, w, h]``. Each annotation carries ``attributes: {shape, colour,
-size}``.
+``large``; with ``HUGE_PROB`` a scene's first object (after any required one) is ``huge``
+instead (``SIZES``: about half the image's height). Colours are flat and saturated, backgrounds
+never are. Objects overlap now and then, but each keeps at least ``MIN_VISIBLE`` of its pixels.
+A box is the tight box of the object's visible pixels, COCO ``[x, y, w, h]``. Each annotation
+carries ``attributes: {shape, colour, size}``.
 
 Expressions (``sent`` and ``tokens``, tagged ``expr_type``), in the proportions
 ``EXPR_TYPES``. An object's position is its box centre; ``MARGIN`` is in pixels.
 
 - ``category``: "the star", only when the shape is unique in the scene.
+- ``colour``: "the red shape", only when the colour is unique in the scene.
 - ``attribute``: "the small red circle", only when the shape alone is not unique: the shape
   with the fewest of {size, colour} that make it unique (one chosen at random when either
   alone does), written size first.
@@ -29,6 +31,10 @@ Expressions (``sent`` and ``tokens``, tagged ``expr_type``), in the proportions
   of", "above" (smaller y) and "below" likewise. Of the objects matching the first noun phrase
   (at least two in the scene) other than the anchor, exactly one, the target, is in the
   relation, and none is in the band ``0 < displacement < MARGIN``.
+- ``chained``: "the circle left of the square above the star": a ``relational`` expression whose
+  anchor is named by a ``relational`` expression of its own (so the anchor's shape is not unique).
+  Read it from the right: the anchor is the one object that "the square above the star" fits,
+  and the target is then found as in ``relational``.
 
 Words are whole-word mirror pairs under a horizontal flip: left/right, leftmost/rightmost.
 
@@ -63,8 +69,9 @@ COLOURS = {
     "purple": (145, 60, 195),
     "orange": (245, 130, 25),
 }
-SIZES = {"small": (14, 18), "large": (26, 34)}  # side of the drawing square at size 128, px
-EXPR_TYPES = {"category": 0.2, "attribute": 0.3, "spatial": 0.3, "relational": 0.2}
+SIZES = {"small": (14, 18), "large": (26, 34), "huge": (50, 66)}  # drawing square's side at size 128, px
+HUGE_PROB = 0.3  # chance that a scene has one huge object; the others are small or large
+EXPR_TYPES = {"category": 0.15, "colour": 0.1, "attribute": 0.2, "spatial": 0.2, "relational": 0.2, "chained": 0.15}
 SPLITS = {"train": 0.8, "val": 0.1, "test": 0.1}
 HELDOUT_PAIRS = 4
 MARGIN = 6.0  # px between box centres for spatial order and relations
@@ -76,7 +83,7 @@ SENTENCES_PER_REF = (1, 2)
 PLACEMENT_TRIES = 40
 REFS_FILE = "refs(unc).p"
 INSTANCES_FILE = "instances.json"
-VERSION = 1
+VERSION = 2  # 2: huge objects, colour and chained expressions
 
 
 def _star(points=5, inner=0.42):
@@ -190,8 +197,9 @@ def make_scene(rng, width: int, height: int, scale: float, pairs, required=()):
     specs = list(required) + [pairs[i] for i in rng.integers(len(pairs), size=count - len(required))]
     owner = np.full((height, width), -1, np.int16)
     kept, placed_boxes, visible, areas = [], [], [], []
+    huge = len(required) if rng.random() < HUGE_PROB else -1
     for index, (colour, shape) in enumerate(specs):
-        size = str(rng.choice(list(SIZES)))
+        size = "huge" if index == huge else str(rng.choice(["small", "large"]))
         low, high = SIZES[size]
         mask = shape_mask(shape, round(rng.integers(low, high + 1) * scale))
         may_overlap = rng.random() < OVERLAP_PROB  # objects of one colour never touch
@@ -266,6 +274,11 @@ def category_expressions(objects, obj) -> list[str]:
     return ["the " + obj.shape] if _count(objects, (None, None, obj.shape)) == 1 else []
 
 
+def colour_expressions(objects, obj) -> list[str]:
+    phrase = (None, obj.colour, None)
+    return ["the " + _words(phrase)] if _count(objects, phrase) == 1 else []
+
+
 def attribute_expressions(objects, obj) -> list[str]:
     names = _unique_names(objects, obj)
     return [] if names == [(None, None, obj.shape)] else ["the " + _words(p) for p in names]
@@ -292,12 +305,23 @@ def spatial_expressions(objects, obj) -> list[str]:
 
 
 def relational_expressions(objects, obj) -> list[str]:
+    return _related(objects, obj, lambda anchor: ["the " + _words(a) for a in _unique_names(objects, anchor)])
+
+
+def chained_expressions(objects, obj) -> list[str]:
+    return _related(objects, obj, lambda anchor: relational_expressions(objects, anchor))
+
+
+def _related(objects, obj, anchor_names) -> list[str]:
+    """"the <phrase> <relation> <anchor name>" for every anchor and relation that single out ``obj``
+    among the other objects matching the phrase (``relational``'s rule); ``anchor_names(anchor)``
+    gives the unique names of an anchor."""
     found = []
     phrases = [p for p in ((None, None, obj.shape), (None, obj.colour, obj.shape)) if _count(objects, p) >= 2]
     for anchor in objects:
         if anchor is obj:
             continue
-        anchor_names = _unique_names(objects, anchor)
+        names = None
         for relation, (axis, sign) in RELATIONS.items():
             for phrase in phrases:
                 offsets = {
@@ -307,15 +331,18 @@ def relational_expressions(objects, obj) -> list[str]:
                 }
                 inside = [k for k, d in offsets.items() if d >= MARGIN]
                 if inside == [id(obj)] and not any(0 < d < MARGIN for d in offsets.values()):
-                    found += [f"the {_words(phrase)} {relation} the {_words(a)}" for a in anchor_names]
+                    names = anchor_names(anchor) if names is None else names
+                    found += [f"the {_words(phrase)} {relation} {name}" for name in names]
     return found
 
 
 EXPRESSIONS = {
     "category": category_expressions,
+    "colour": colour_expressions,
     "attribute": attribute_expressions,
     "spatial": spatial_expressions,
     "relational": relational_expressions,
+    "chained": chained_expressions,
 }
 
 
@@ -419,6 +446,7 @@ def generate(
         "margin": MARGIN,
         "colours": {name: list(rgb) for name, rgb in COLOURS.items()},
         "sizes": SIZES,
+        "huge_prob": HUGE_PROB,
     }
     instances = {
         "images": records.images,
