@@ -80,6 +80,7 @@ class LossConfig:
     deep: float = 0.0  # deep supervision: the box head on every earlier fusion layer's [CLS]
     flops: float = 0.0  # budget: penalty on the subnets' mean FLOPs fraction above flops_target
     flops_target: float = 0.5  # of the dense network's FLOPs, averaged over the expressions of a batch
+    flops_floor: float = 0.0  # and below this: models compared under one budget end at its FLOPs (§5c)
 
 
 @dataclass

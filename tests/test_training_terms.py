@@ -81,6 +81,8 @@ def test_head_options_are_checked(make_tiny):
         make_tiny("model.head=token", "model.loss.token=1", "model.loss.token_box=0")
     with pytest.raises(LadsError, match="model.loss.deep"):
         make_tiny("model.loss.deep=-1")
+    with pytest.raises(LadsError, match=r"model.loss.flops_floor \(0.6\) must not exceed model.loss.flops_target"):
+        make_tiny("model.loss.flops_target=0.5", "model.loss.flops_floor=0.6")
 
 
 def test_frozen_text_is_cached_and_equals_the_backbone(make_tiny):
@@ -223,7 +225,8 @@ def test_expected_flops_of_hard_gates_equal_the_extracted_subnets(make_tiny):
 
 
 def test_flops_term_by_hand(make_tiny):
-    """loss gains ``flops · relu(mean fraction − flops_target)``; under the target, nothing."""
+    """loss gains ``flops · (relu(F − flops_target) + relu(flops_floor − F))``, F the mean
+    fraction; between the floor and the target, nothing."""
     model = make_tiny("model.loss.flops=0").train()
     batch = make_batch(batch=2)
     target = torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.6, 0.5, 0.1, 0.2]])
@@ -240,3 +243,9 @@ def test_flops_term_by_hand(make_tiny):
         model.config.loss.flops, model.config.loss.flops_target = w, goal
         got = model.loss(out, target)["loss"].item()
         assert got == pytest.approx(base + w * max(0.0, fraction - goal), rel=1e-6)
+    model.config.loss.flops, model.config.loss.flops_target = 2.0, 1.0
+    closed_out = {**out, "flops": closed}  # the same heads: only the FLOPs term differs
+    for floor in (0.0, 0.9, 1.0):
+        model.config.loss.flops_floor = floor
+        got = model.loss(closed_out, target)["loss"].item()
+        assert got == pytest.approx(base + 2.0 * max(0.0, floor - closed.mean().item()), rel=1e-6)

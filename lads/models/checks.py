@@ -40,9 +40,12 @@ def check_heads(config: ModelConfig):
         raise LadsError(f"model.head must be 'cls' (the paper) or 'token', got {config.head!r}")
     if config.head == "token" and not (w.token > 0 and w.token_box > 0):
         raise LadsError("model.head=token needs model.loss.token > 0 and model.loss.token_box > 0 (its training terms)")
-    for name in ("giou", "mi", "token", "token_box", "deep", "flops", "flops_target"):
+    for name in ("giou", "mi", "token", "token_box", "deep", "flops", "flops_target", "flops_floor"):
         if getattr(w, name) < 0:
             raise LadsError(f"model.loss.{name} must be >= 0, got {getattr(w, name)}")
+    if w.flops_floor > w.flops_target:
+        raise LadsError(f"model.loss.flops_floor ({w.flops_floor}) must not exceed model.loss.flops_target "
+                        f"({w.flops_target})")
 
 
 def check_gates(gates: Gates, layout: GateLayout, batch: int):

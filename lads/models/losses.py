@@ -78,9 +78,10 @@ def lads_loss(outputs: dict, target: torch.Tensor, weights) -> dict[str, torch.T
     - ``deep``: Eq. 9's box terms on the earlier layers' ``[CLS]`` boxes, averaged (DETR);
     - ``token``: cross-entropy of the token scores against the target's centre cell;
     - ``token_box``: the box terms on the token head's box at the target's centre cell;
-    - ``flops``: ``relu(mean FLOPs fraction − flops_target)`` over the batch, the FLOPs of the
-      gates that evaluation would use, ``1[r ≥ 0]``, with the gradient of ``σ(r)``
-      (``outputs["flops"]``): a budget on the average subnet.
+    - ``flops``: ``relu(F − flops_target) + relu(flops_floor − F)``, F the mean FLOPs fraction
+      over the batch, the FLOPs of the gates that evaluation would use, ``1[r ≥ 0]``, with the
+      gradient of ``σ(r)`` (``outputs["flops"]``): a budget on the average subnet, and a floor
+      under it, so that models trained under one budget end at the same FLOPs.
 
     Returns the total (``loss``) and every term; the MI term is absent for the dense network.
     """
@@ -93,7 +94,8 @@ def lads_loss(outputs: dict, target: torch.Tensor, weights) -> dict[str, torch.T
     if outputs.get("flops") is not None:
         terms["flops"] = outputs["flops"].mean()
         if weights.flops:
-            total = total + weights.flops * torch.relu(terms["flops"] - weights.flops_target)
+            total = total + weights.flops * (torch.relu(terms["flops"] - weights.flops_target)
+                                             + torch.relu(weights.flops_floor - terms["flops"]))
     if weights.deep and outputs["deep_boxes"]:
         terms["deep"] = torch.stack([box_loss(b, target, weights.giou) for b in outputs["deep_boxes"]]).mean()
         total = total + weights.deep * terms["deep"]
