@@ -154,6 +154,23 @@ def test_every_expression_refers_to_exactly_its_object(dataset):
     assert set(checked) == set(synth.EXPR_TYPES)
 
 
+def test_relations_single_out_one_of_several(dataset):
+    """The first noun phrase of a relational or chained expression matches at least two objects,
+    so the relation is needed; a chained one's anchor phrase does too."""
+    _, refs, instances, _, objects = dataset
+    colours, shapes = instances["info"]["colours"], [c["name"] for c in instances["categories"]]
+    seen = Counter()
+    for _, sentence, scene, _ in every_sentence(refs, objects):
+        if sentence["expr_type"] in ("relational", "chained"):
+            first, _, second = RELATION.match(sentence["sent"]).groups()
+            assert len(matching(scene, parse_phrase(first.split(), colours, shapes))) >= 2, sentence
+            if sentence["expr_type"] == "chained":
+                anchor = RELATION.match(second).group(1)
+                assert len(matching(scene, parse_phrase(anchor.split(), colours, shapes))) >= 2, sentence
+            seen[sentence["expr_type"]] += 1
+    assert min(seen["relational"], seen["chained"]) > 20
+
+
 def test_attribute_expressions_use_the_fewest_attributes(dataset):
     _, refs, _, _, objects = dataset
     for _, sentence, scene, target in every_sentence(refs, objects):
@@ -206,6 +223,10 @@ def test_scene_contents(dataset):
     huge = Counter(a["image_id"] for a in instances["annotations"] if a["attributes"]["size"] == "huge")
     assert max(huge.values()) == 1  # at most one a scene
     assert abs(len(huge) / len(instances["images"]) - synth.HUGE_PROB) < 0.1
+    heights = {im["id"]: im["height"] for im in instances["images"]}
+    ratios = [max(a["bbox"][2:]) / heights[a["image_id"]] for a in instances["annotations"]
+              if a["attributes"]["size"] == "huge"]
+    assert 0.35 < float(np.median(ratios)) < 0.75  # about half the image's height
     assert len(attributes) >= 60
     assert len({(im["width"], im["height"]) for im in instances["images"]}) > 20
 
