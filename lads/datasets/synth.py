@@ -321,7 +321,7 @@ def _related(objects, obj, anchor_names) -> list[str]:
     for anchor in objects:
         if anchor is obj:
             continue
-        names = None
+        fits = []  # (relation, phrase) pairs that single out obj from this anchor
         for relation, (axis, sign) in RELATIONS.items():
             for phrase in phrases:
                 offsets = {
@@ -331,8 +331,10 @@ def _related(objects, obj, anchor_names) -> list[str]:
                 }
                 inside = [k for k, d in offsets.items() if d >= MARGIN]
                 if inside == [id(obj)] and not any(0 < d < MARGIN for d in offsets.values()):
-                    names = anchor_names(anchor) if names is None else names
-                    found += [f"the {_words(phrase)} {relation} {name}" for name in names]
+                    fits.append((relation, phrase))
+        if fits:  # the anchor's names only then: a chained anchor's cost a search of their own
+            names = anchor_names(anchor)
+            found += [f"the {_words(phrase)} {relation} {name}" for relation, phrase in fits for name in names]
     return found
 
 
