@@ -153,6 +153,7 @@ class TrainConfig:
     lr: float = 1e-4
     lr_backbone: float = 1e-5  # visual and text backbones
     lr_visual: Optional[float] = None  # visual backbone, if not lr_backbone (one trained from scratch)
+    lr_gating: Optional[float] = None  # gating network, if not lr (docs/design.md §5c)
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     clip_grad: float = 0.1  # max gradient norm; 0 disables

@@ -106,13 +106,14 @@ def rank_micro_batches(perm, batch, step_in_epoch, micro, accumulation, rank):
 
 def build_optimizer(model, cfg) -> torch.optim.Optimizer:
     """AdamW with the paper's groups: ``lr_backbone`` for both backbones, ``lr`` for the rest
-    (``lr_visual``, when set, for the visual backbone)."""
-    groups = {"rest": [], "visual_backbone": [], "text_backbone": []}
+    (``lr_visual``, when set, for the visual backbone; ``lr_gating`` for the gating network)."""
+    groups = {"rest": [], "visual_backbone": [], "text_backbone": [], "gating": []}
     for name, p in model.named_parameters():
         if p.requires_grad:
             groups.get(name.split(".")[0], groups["rest"]).append(p)
     lrs = {"rest": cfg.lr, "text_backbone": cfg.lr_backbone,
-           "visual_backbone": cfg.lr_backbone if cfg.lr_visual is None else cfg.lr_visual}
+           "visual_backbone": cfg.lr_backbone if cfg.lr_visual is None else cfg.lr_visual,
+           "gating": cfg.lr if cfg.lr_gating is None else cfg.lr_gating}
     groups = [{"params": params, "lr": lrs[name]} for name, params in groups.items()]
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay, foreach=True)
 
@@ -566,6 +567,11 @@ def _resume(path, cfg: Config, model, optimizer, scheduler, scaler, drop_step: i
         raise LadsError(f"checkpoint {folder} was written for another model config; resume with its own config.json")
     load_weights(folder, model)
     state = load_training_state(folder)
+    saved_groups, groups = len(state["optimizer"]["param_groups"]), len(optimizer.param_groups)
+    if saved_groups != groups:  # the gating network has had its own group since train.lr_gating
+        raise LadsError(f"checkpoint {folder}: its optimizer state has {saved_groups} parameter groups where this "
+                        f"version trains {groups}; resume it with the lads version that wrote it, or start a new "
+                        f"run from its weights (model.init={folder})")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler"):

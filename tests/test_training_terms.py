@@ -249,3 +249,46 @@ def test_flops_term_by_hand(make_tiny):
         model.config.loss.flops_floor = floor
         got = model.loss(closed_out, target)["loss"].item()
         assert got == pytest.approx(base + 2.0 * max(0.0, floor - closed.mean().item()), rel=1e-6)
+
+
+def test_optimizer_groups_take_their_learning_rates(make_tiny):
+    """Every trainable parameter is in exactly one AdamW group: ``lr_backbone`` for the text
+    backbone, ``lr_visual`` for the visual one, ``lr_gating`` for the gating network (``lr``
+    when unset), ``lr`` for the rest."""
+    from lads.config import TrainConfig
+    from lads.engine import build_optimizer
+
+    model = make_tiny("model.text.frozen=false")
+    part = {id(p): name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
+    for lr_gating, gating_lr in ((None, 5e-4), (5e-3, 5e-3)):
+        cfg = TrainConfig(lr=5e-4, lr_backbone=2e-5, lr_visual=1e-4, lr_gating=lr_gating)
+        seen = {}
+        for group in build_optimizer(model, cfg).param_groups:
+            for p in group["params"]:
+                assert id(p) not in seen
+                seen[id(p)] = group["lr"]
+        assert seen.keys() == part.keys()
+        want = {"text_backbone": 2e-5, "visual_backbone": 1e-4, "gating": gating_lr}
+        for key, lr in seen.items():
+            assert lr == want.get(part[key], 5e-4), part[key]
+
+
+def test_resuming_an_optimizer_state_of_other_groups_is_refused(tmp_path, tiny_text_dir, synth_data):
+    """A checkpoint whose optimizer has other parameter groups than this version builds (one
+    written before the gating network had its own) is refused with a message that names it."""
+    from lads.engine import train
+
+    cfg = load_config("tiny", engine_overrides(tiny_text_dir, synth_data, tmp_path) + [
+        "train.batch_size=4", "train.micro_batch=4", "train.max_steps=1", "model.text.frozen=true"])
+    checkpoint = train(cfg)
+    state_file = checkpoint / "training_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    gating = state["optimizer"]["param_groups"].pop()  # the last group: the gating network's
+    state["optimizer"]["param_groups"][0]["params"] += gating["params"]  # as one "rest" group had it
+    torch.save(state, state_file)
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    meta["files"]["training_state.pt"] = state_file.stat().st_size
+    (checkpoint / "meta.json").write_text(json.dumps(meta))
+    cfg.train.max_steps = 2
+    with pytest.raises(LadsError, match=r"optimizer state has 2 parameter groups where this version trains 3"):
+        train(cfg, resume=str(checkpoint))
