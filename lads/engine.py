@@ -106,7 +106,7 @@ def rank_micro_batches(perm, batch, step_in_epoch, micro, accumulation, rank):
 
 def build_optimizer(model, cfg) -> torch.optim.Optimizer:
     """AdamW with the paper's groups: ``lr_backbone`` for both backbones, ``lr`` for the rest
-    (``lr_visual``, when set, for the visual backbone; ``lr_gating`` for the gating network)."""
+    (``lr_visual``, when set, for the visual backbone; ``lr_gating``, when set, for the gating network)."""
     groups = {"rest": [], "visual_backbone": [], "text_backbone": [], "gating": []}
     for name, p in model.named_parameters():
         if p.requires_grad:
